@@ -1,0 +1,1 @@
+//! VM configuration: the per-VM YAML schema, loading and validation.

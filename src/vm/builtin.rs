@@ -1,0 +1,1 @@
+//! The built-in guest images, built from guest/ at build time.
