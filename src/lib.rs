@@ -6,5 +6,6 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+pub mod metrics;
 pub mod protocol;
 pub mod vm;

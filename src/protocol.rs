@@ -13,22 +13,20 @@ pub enum ExitCode {
     GuestReset = 3,
     /// The guest crashed: triple fault, VM entry failure, KVM internal/emulation error.
     GuestCrash = 4,
-    /// The VMM failed: missing or unloadable kernel, KVM or host failure.
+    /// The VMM failed or refused to start: bad config, missing or unloadable kernel,
+    /// not enough memory, no /dev/kvm, a KVM failure.
     VmmError = 5,
-    /// The VM's configuration was refused before anything started.
-    BadConfig = 6,
     /// The VM was stopped by SIGTERM or SIGINT and shut down cleanly.
-    Stopped = 7,
+    Stopped = 6,
 }
 
 impl ExitCode {
     /// Every code, in table order.
-    pub const ALL: [ExitCode; 6] = [
+    pub const ALL: [ExitCode; 5] = [
         ExitCode::GuestPoweroff,
         ExitCode::GuestReset,
         ExitCode::GuestCrash,
         ExitCode::VmmError,
-        ExitCode::BadConfig,
         ExitCode::Stopped,
     ];
 
@@ -49,7 +47,6 @@ impl ExitCode {
             ExitCode::GuestReset => "reset",
             ExitCode::GuestCrash => "crash",
             ExitCode::VmmError => "vmm_error",
-            ExitCode::BadConfig => "bad_config",
             ExitCode::Stopped => "stopped",
         }
     }

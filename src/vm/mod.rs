@@ -1,4 +1,369 @@
 //! One KVM virtual machine: memory, vCPUs, devices, boot, and the run loop.
+//!
+//! [`VmParams`] says what to build; [`RunningVm::start`] builds and starts it;
+//! [`run_vm`] is the whole `run-vm` process: start, wait for the guest or a signal,
+//! shut down, and map the outcome to an [`ExitCode`].
 
+pub mod boot;
 pub mod builtin;
+pub mod devices;
+pub mod kvm_vm;
+pub mod memory;
 pub mod mptable;
+pub mod vcpu;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_ioctls::Kvm;
+use vm_device::DeviceMmio;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{ConsoleSpec, KernelSpec, VmSpec};
+use crate::metrics::counters::ExitCounters;
+use crate::protocol::ExitCode;
+use boot::{BootError, KernelImage};
+use devices::debug_port::{DEBUG_PORT, DebugPort};
+use devices::i8042::{I8042, I8042_DATA};
+use devices::power::{PowerDevice, SLEEP_CONTROL_PORT};
+use devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice};
+use devices::{Bus, BusError};
+pub use kvm_vm::{KvmVm, StopCause, StopLatch, VmConfig, VmError};
+use memory::{GuestMem, MemoryError, RegionSpec, ram_layout};
+pub use vcpu::StopReason;
+
+/// Errors building or starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
+    NoKvm(kvm_ioctls::Error),
+    /// More vCPUs than KVM or the MP table allow.
+    #[error("vcpus: {asked} is more than this host allows ({max})")]
+    TooManyVcpus {
+        /// Asked for.
+        asked: u8,
+        /// The limit.
+        max: usize,
+    },
+    /// No vCPUs.
+    #[error("vcpus: a VM needs at least 1 vCPU")]
+    ZeroVcpus,
+    /// More memory than the host has.
+    #[error("memory_mib: {asked} MiB is more than this host has ({host} MiB)")]
+    TooMuchMemory {
+        /// Asked for.
+        asked: u64,
+        /// MemTotal.
+        host: u64,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd, command line.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// KVM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Devices.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The console file.
+    #[error("console {path}: {source}")]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An eventfd.
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+impl RunError {
+    /// The exit code this error ends `run-vm` with.
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::VmmError
+    }
+}
+
+/// Which kernel to boot.
+pub enum Kernel {
+    /// The built-in guest, with the command line that steers it.
+    Builtin,
+    /// A bzImage or ELF vmlinux on the host.
+    Path(PathBuf),
+    /// An ELF or bzImage held in memory (name for messages, bytes).
+    Bytes(String, Vec<u8>),
+}
+
+/// Everything needed to build one VM.
+pub struct VmParams {
+    /// vCPU count.
+    pub vcpus: u8,
+    /// RAM in MiB.
+    pub memory_mib: u64,
+    /// The kernel.
+    pub kernel: Kernel,
+    /// The initramfs.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line as passed.
+    pub cmdline: String,
+    /// Where the guest's serial output goes.
+    pub console: Box<dyn Write + Send>,
+    /// Extra memory regions beyond RAM (read-only or dirty-logged slots).
+    pub extra_regions: Vec<RegionSpec>,
+    /// Extra MMIO devices: (base, length, device).
+    pub mmio_devices: Vec<(u64, u64, Arc<dyn DeviceMmio + Send + Sync>)>,
+    /// Exit counters, one row per vCPU; made here when None.
+    pub counters: Option<Arc<ExitCounters>>,
+}
+
+impl VmParams {
+    /// Parameters for the VM a config file describes.
+    pub fn from_spec(spec: &VmSpec) -> Result<Self, RunError> {
+        let console: Box<dyn Write + Send> = match &spec.console {
+            ConsoleSpec::Stdout => Box::new(std::io::stdout()),
+            ConsoleSpec::Off => Box::new(std::io::sink()),
+            ConsoleSpec::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| RunError::Console {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let (kernel, cmdline) = match &spec.kernel {
+            KernelSpec::Builtin => (
+                Kernel::Builtin,
+                format!(
+                    "{} then={} io_exits={} heartbeat_ms={}",
+                    spec.cmdline,
+                    spec.builtin.then.as_str(),
+                    spec.builtin.io_exits,
+                    spec.builtin.heartbeat_ms
+                ),
+            ),
+            KernelSpec::Path(p) => (Kernel::Path(p.clone()), spec.cmdline.clone()),
+        };
+        Ok(VmParams {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel,
+            initrd: spec.initrd.clone(),
+            cmdline,
+            console,
+            extra_regions: Vec::new(),
+            mmio_devices: Vec::new(),
+            counters: None,
+        })
+    }
+}
+
+/// The host's MemTotal in MiB, if /proc/meminfo says.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// A VM whose vCPUs run.
+pub struct RunningVm {
+    // Field order matters: the VM (and its vCPU threads) go before the memory.
+    vm: KvmVm,
+    mem: GuestMem,
+    latch: Arc<StopLatch>,
+    bus: Arc<Bus>,
+    counters: Arc<ExitCounters>,
+    debug_port: Arc<DebugPort>,
+}
+
+impl RunningVm {
+    /// Build the VM `p` describes and start its vCPUs; `latch` receives the stop cause.
+    pub fn start(p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
+        if p.vcpus == 0 {
+            return Err(RunError::ZeroVcpus);
+        }
+        if let Some(host) = host_memory_mib()
+            && p.memory_mib > host
+        {
+            return Err(RunError::TooMuchMemory {
+                asked: p.memory_mib,
+                host,
+            });
+        }
+        let kvm = Kvm::new().map_err(RunError::NoKvm)?;
+        let max = kvm
+            .get_max_vcpus()
+            .min(usize::from(mptable::MAX_SUPPORTED_CPUS));
+        if usize::from(p.vcpus) > max {
+            return Err(RunError::TooManyVcpus {
+                asked: p.vcpus,
+                max,
+            });
+        }
+
+        let mut regions = ram_layout(p.memory_mib << 20);
+        regions.extend(p.extra_regions.iter().copied());
+        let mem = GuestMem::new(regions)?;
+        let (image, builtin) = match &p.kernel {
+            Kernel::Builtin => (KernelImage::Bytes("builtin", builtin::BUILTIN_ELF), true),
+            Kernel::Path(path) => (KernelImage::File(path), false),
+            Kernel::Bytes(name, bytes) => (KernelImage::Bytes(name, bytes), false),
+        };
+        let boot = boot::load_guest(&mem, image, p.initrd.as_deref(), &p.cmdline)?;
+
+        let counters = p
+            .counters
+            .unwrap_or_else(|| Arc::new(ExitCounters::new(usize::from(p.vcpus))));
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::EventFd)?;
+        let serial_irq_kvm = serial_irq.try_clone().map_err(RunError::EventFd)?;
+        let debug_port = Arc::new(DebugPort::default());
+        let mut bus = Bus::new();
+        bus.add_pio(
+            "serial",
+            COM1_BASE,
+            COM1_LEN,
+            SerialDevice::new(serial_irq, p.console).into_shared(),
+        )?;
+        let exit: Arc<dyn vcpu::ExitHandler> = latch.clone();
+        // i8042 data port 0x60 through command port 0x64.
+        bus.add_pio("i8042", I8042_DATA, 5, Arc::new(I8042::new(exit.clone())))?;
+        bus.add_pio(
+            "acpi-sleep",
+            SLEEP_CONTROL_PORT,
+            1,
+            Arc::new(PowerDevice::new(exit.clone())),
+        )?;
+        bus.add_pio("debug-port", DEBUG_PORT, 1, debug_port.clone())?;
+        for (base, len, dev) in p.mmio_devices {
+            bus.add_mmio("mmio", base, len, dev)?;
+        }
+        let bus = Arc::new(bus);
+
+        let config = VmConfig::new(&kvm, p.vcpus)?;
+        let mut vm = KvmVm::new(&kvm, config, &mem, exit, bus.clone(), counters.clone())?;
+        vm.register_irqfd(&serial_irq_kvm, COM1_IRQ)?;
+        if builtin {
+            // The built-in guest: every vCPU enters at the ELF entry in long mode.
+            vm.run(Some(boot.entry))?;
+        } else {
+            vm.set_bsp_entry(boot.entry)?;
+            vm.run(None)?;
+        }
+        Ok(RunningVm {
+            vm,
+            mem,
+            latch,
+            bus,
+            counters,
+            debug_port,
+        })
+    }
+
+    /// Wait until the guest or a signal stops the VM.
+    pub fn wait(&self) -> StopCause {
+        self.latch.wait()
+    }
+
+    /// Wait at most `d`.
+    pub fn wait_timeout(&self, d: Duration) -> Option<StopCause> {
+        self.latch.wait_timeout(d)
+    }
+
+    /// Stop every vCPU through the signal path.
+    pub fn shutdown(&mut self) -> Result<(), VmError> {
+        self.vm.shutdown()
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &KvmVm {
+        &self.vm
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The I/O bus.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The exit counters.
+    pub fn counters(&self) -> &Arc<ExitCounters> {
+        &self.counters
+    }
+
+    /// The debug port (boot-complete time).
+    pub fn debug_port(&self) -> &DebugPort {
+        &self.debug_port
+    }
+}
+
+/// The exit code for a stop cause.
+pub fn exit_code_for(cause: &StopCause) -> ExitCode {
+    match cause {
+        StopCause::Guest(StopReason::Poweroff) => ExitCode::GuestPoweroff,
+        StopCause::Guest(StopReason::Reset) => ExitCode::GuestReset,
+        StopCause::Guest(StopReason::Crash(_)) => ExitCode::GuestCrash,
+        StopCause::Guest(StopReason::Error(_)) => ExitCode::VmmError,
+        StopCause::Signal(_) => ExitCode::Stopped,
+    }
+}
+
+/// A one-line description of a stop cause, for the log.
+pub fn describe(cause: &StopCause) -> String {
+    match cause {
+        StopCause::Guest(StopReason::Poweroff) => "guest powered off".into(),
+        StopCause::Guest(StopReason::Reset) => "guest reset".into(),
+        StopCause::Guest(StopReason::Crash(d)) => format!("guest crashed: {d}"),
+        StopCause::Guest(StopReason::Error(d)) => format!("VMM error: {d}"),
+        StopCause::Signal(s) => format!("stopped by signal {s}"),
+    }
+}
+
+/// The `run-vm` process: run the VM `spec` describes until the guest stops it or
+/// SIGTERM/SIGINT arrives (recorded in `latch` by the caller's signal thread).
+pub fn run_vm(spec: &VmSpec, latch: Arc<StopLatch>, log: &mut dyn Write) -> ExitCode {
+    let started = RunningVm::start_spec(spec, latch);
+    let mut vm = match started {
+        Ok(vm) => vm,
+        Err(e) => {
+            let _ = writeln!(log, "vmm-fleet: vm {}: {e}", spec.name);
+            return e.exit_code();
+        }
+    };
+    let cause = vm.wait();
+    let stopped = vm.shutdown();
+    let mut code = exit_code_for(&cause);
+    let _ = writeln!(
+        log,
+        "vmm-fleet: vm {}: {} (exit code {})",
+        spec.name,
+        describe(&cause),
+        code.code()
+    );
+    if let Err(e) = stopped {
+        let _ = writeln!(log, "vmm-fleet: vm {}: shutdown: {e}", spec.name);
+        code = ExitCode::VmmError;
+    }
+    code
+}
+
+impl RunningVm {
+    /// Start the VM a config file describes.
+    pub fn start_spec(spec: &VmSpec, latch: Arc<StopLatch>) -> Result<Self, RunError> {
+        Self::start(VmParams::from_spec(spec)?, latch)
+    }
+}

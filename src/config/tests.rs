@@ -1,0 +1,586 @@
+//! Unit tests of the config module: parsing, validation, directory loading.
+
+use super::*;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "vmm-fleet-config-test-{}-{tag}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("create parent");
+        }
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn problems_of(r: Result<VmSpec, ConfigError>) -> Vec<Problem> {
+    match r {
+        Ok(spec) => panic!("expected problems, got {spec:?}"),
+        Err(e) => {
+            assert!(
+                matches!(e, ConfigError::Problems(_)),
+                "expected Problems, got {e:?}"
+            );
+            e.problems().to_vec()
+        }
+    }
+}
+
+fn keys(problems: &[Problem]) -> Vec<&str> {
+    problems.iter().map(|p| p.key.as_str()).collect()
+}
+
+const MINIMAL: &str = "name: web-1\nvcpus: 2\nmemory_mib: 256\nkernel: builtin\n";
+
+#[test]
+fn minimal_builtin_gets_defaults() {
+    let spec = VmSpec::from_yaml(MINIMAL, Path::new("/etc/fleet/web-1.yaml")).expect("valid");
+    assert_eq!(spec.name, "web-1");
+    assert_eq!(spec.vcpus, 2);
+    assert_eq!(spec.memory_mib, 256);
+    assert_eq!(spec.kernel, KernelSpec::Builtin);
+    assert_eq!(spec.initrd, None);
+    assert_eq!(spec.cmdline, DEFAULT_CMDLINE);
+    assert_eq!(spec.console, ConsoleSpec::Stdout);
+    assert_eq!(spec.builtin, BuiltinSpec::default());
+    assert_eq!(spec.restart, RestartSpec::default());
+    assert_eq!(spec.restart.policy, RestartPolicy::OnFailure);
+    assert_eq!(spec.source, PathBuf::from("/etc/fleet/web-1.yaml"));
+}
+
+#[test]
+fn full_builtin_file() {
+    let dir = TempDir::new("full");
+    let text = "\
+name: db.primary_1
+vcpus: 4
+memory_mib: 1024
+kernel: builtin
+cmdline: \"console=ttyS0 quiet\"
+console: logs/db.log
+builtin:
+  then: crash
+  io_exits: 12345
+  heartbeat_ms: 250
+restart:
+  policy: always
+  backoff_initial_ms: 50
+  backoff_max_ms: 5000
+  backoff_multiplier: 1.5
+  start_limit_burst: 3
+  start_limit_interval_s: 30
+  stable_after_s: 20
+";
+    std::fs::create_dir_all(dir.path().join("logs")).expect("mkdir");
+    let file = dir.write("db.yaml", text);
+    let spec = VmSpec::load(&file).expect("valid");
+    assert_eq!(spec.name, "db.primary_1");
+    assert_eq!(spec.vcpus, 4);
+    assert_eq!(spec.cmdline, "console=ttyS0 quiet");
+    assert_eq!(
+        spec.console,
+        ConsoleSpec::File(dir.path().join("logs/db.log"))
+    );
+    assert_eq!(
+        spec.builtin,
+        BuiltinSpec {
+            then: BuiltinThen::Crash,
+            io_exits: 12345,
+            heartbeat_ms: 250
+        }
+    );
+    assert_eq!(
+        spec.restart,
+        RestartSpec {
+            policy: RestartPolicy::Always,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 5000,
+            backoff_multiplier: 1.5,
+            start_limit_burst: 3,
+            start_limit_interval_s: 30,
+            stable_after_s: 20,
+        }
+    );
+    assert_eq!(spec.restart.backoff_max(), Duration::from_secs(5));
+    assert_eq!(spec.source, file);
+}
+
+#[test]
+fn full_file_with_kernel_and_initrd_paths() {
+    let dir = TempDir::new("paths");
+    dir.write("images/bzImage", "not really a kernel");
+    dir.write("images/initramfs.cpio.gz", "x");
+    let text = "\
+name: k1
+vcpus: 1
+memory_mib: 128
+kernel: images/bzImage
+initrd: ./images/initramfs.cpio.gz
+console: off
+restart:
+  policy: never
+";
+    let file = dir.write("k1.yml", text);
+    let spec = VmSpec::load(&file).expect("valid");
+    assert_eq!(
+        spec.kernel,
+        KernelSpec::Path(dir.path().join("images/bzImage"))
+    );
+    assert_eq!(
+        spec.initrd,
+        Some(dir.path().join("./images/initramfs.cpio.gz"))
+    );
+    assert_eq!(spec.console, ConsoleSpec::Off);
+    assert_eq!(spec.restart.policy, RestartPolicy::Never);
+    assert_eq!(spec.base_dir(), dir.path());
+}
+
+#[test]
+fn builtin_then_and_policy_spellings() {
+    for t in BuiltinThen::ALL {
+        assert_eq!(BuiltinThen::from_name(t.as_str()), Some(t));
+        let text = format!("{MINIMAL}builtin:\n  then: {t}\n");
+        let spec = VmSpec::from_yaml(&text, Path::new("a.yaml")).expect("valid");
+        assert_eq!(spec.builtin.then, t);
+    }
+    for p in [
+        RestartPolicy::Always,
+        RestartPolicy::OnFailure,
+        RestartPolicy::Never,
+    ] {
+        let text = format!("{MINIMAL}restart:\n  policy: {p}\n");
+        let spec = VmSpec::from_yaml(&text, Path::new("a.yaml")).expect("valid");
+        assert_eq!(spec.restart.policy, p);
+    }
+    let text = format!("{MINIMAL}restart:\n  policy: on_failure\n");
+    let ps = problems_of(VmSpec::from_yaml(&text, Path::new("a.yaml")));
+    assert_eq!(keys(&ps), ["restart.policy"], "{ps:?}");
+    assert!(ps[0].reason.contains("unknown variant"), "{ps:?}");
+}
+
+#[test]
+fn unknown_top_level_key_is_named() {
+    let text = format!("{MINIMAL}memory: 12\n");
+    let ps = problems_of(VmSpec::from_yaml(&text, Path::new("/c/a.yaml")));
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert_eq!(ps[0].key, "memory");
+    assert_eq!(ps[0].file, PathBuf::from("/c/a.yaml"));
+    assert!(ps[0].reason.contains("unknown field `memory`"), "{ps:?}");
+    assert!(ps[0].reason.contains("line 5"), "{ps:?}");
+}
+
+#[test]
+fn unknown_nested_key_is_named() {
+    let text = format!("{MINIMAL}restart:\n  polcy: always\n");
+    let ps = problems_of(VmSpec::from_yaml(&text, Path::new("a.yaml")));
+    assert_eq!(keys(&ps), ["restart.polcy"], "{ps:?}");
+    assert!(ps[0].reason.contains("line 6"), "{ps:?}");
+    let shown = ps[0].to_string();
+    assert!(
+        shown.starts_with("a.yaml: restart.polcy: unknown field `polcy`"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn missing_and_mistyped_keys_are_named() {
+    let ps = problems_of(VmSpec::from_yaml(
+        "name: a\nvcpus: 1\nmemory_mib: 64\n",
+        Path::new("a.yaml"),
+    ));
+    assert_eq!(keys(&ps), ["kernel"], "{ps:?}");
+    assert!(ps[0].reason.contains("missing field"), "{ps:?}");
+
+    let ps = problems_of(VmSpec::from_yaml(
+        "name: a\nvcpus: two\nmemory_mib: 64\nkernel: builtin\n",
+        Path::new("a.yaml"),
+    ));
+    assert_eq!(keys(&ps), ["vcpus"], "{ps:?}");
+    assert!(ps[0].reason.contains("invalid type"), "{ps:?}");
+
+    let ps = problems_of(VmSpec::from_yaml(
+        &format!("{MINIMAL}builtin:\n  heartbeat_ms: soon\n"),
+        Path::new("a.yaml"),
+    ));
+    assert_eq!(keys(&ps), ["builtin.heartbeat_ms"], "{ps:?}");
+}
+
+#[test]
+fn empty_and_malformed_files() {
+    for text in ["", "- a\n- b\n", "name: [unclosed\n", "just a string"] {
+        let ps = problems_of(VmSpec::from_yaml(text, Path::new("a.yaml")));
+        assert_eq!(ps.len(), 1, "{text:?}: {ps:?}");
+        assert_eq!(ps[0].file, PathBuf::from("a.yaml"));
+    }
+}
+
+#[test]
+fn several_bad_values_all_reported() {
+    let text = "\
+name: -bad name
+vcpus: 0
+memory_mib: 2
+kernel: builtin
+initrd: ./initrd.img
+cmdline: \"a\\nb\"
+console: /definitely/not/a/dir/console.log
+builtin:
+  heartbeat_ms: 0
+restart:
+  backoff_initial_ms: 1000
+  backoff_max_ms: 10
+  backoff_multiplier: 0.5
+  start_limit_burst: 0
+  start_limit_interval_s: 0
+  stable_after_s: -1
+";
+    let ps = problems_of(VmSpec::from_yaml(text, Path::new("/c/bad.yaml")));
+    let mut ks = keys(&ps);
+    ks.sort_unstable();
+    assert_eq!(
+        ks,
+        [
+            "builtin.heartbeat_ms",
+            "cmdline",
+            "console",
+            "initrd",
+            "memory_mib",
+            "name",
+            "restart.backoff_max_ms",
+            "restart.backoff_multiplier",
+            "restart.stable_after_s",
+            "restart.start_limit_burst",
+            "restart.start_limit_interval_s",
+            "vcpus",
+        ],
+        "{ps:#?}"
+    );
+    assert!(ps.iter().all(|p| p.file == Path::new("/c/bad.yaml")));
+    let err = ConfigError::Problems(ProblemList(ps.clone()));
+    assert_eq!(err.to_string().lines().count(), ps.len());
+}
+
+#[test]
+fn name_rules() {
+    let long = "a".repeat(MAX_NAME_LEN);
+    let too_long = "a".repeat(MAX_NAME_LEN + 1);
+    for (name, ok) in [
+        ("a", true),
+        ("0vm", true),
+        ("web-1.prod_x", true),
+        (long.as_str(), true),
+        (too_long.as_str(), false),
+        ("\"\"", false),
+        ("_x", false),
+        (".x", false),
+        ("a b", false),
+        ("é", false),
+        ("a/b", false),
+    ] {
+        let text = format!("name: {name}\nvcpus: 1\nmemory_mib: 4\nkernel: builtin\n");
+        let r = VmSpec::from_yaml(&text, Path::new("a.yaml"));
+        match (r, ok) {
+            (Ok(_), true) => {}
+            (Err(e), false) => assert_eq!(keys(e.problems()), ["name"], "{name}: {e}"),
+            (r, _) => panic!("{name}: unexpected {r:?}"),
+        }
+    }
+}
+
+#[test]
+fn value_ranges() {
+    let ok = |text: &str| VmSpec::from_yaml(text, Path::new("a.yaml")).is_ok();
+    assert!(ok("name: a\nvcpus: 255\nmemory_mib: 4\nkernel: builtin\n"));
+    assert!(!ok("name: a\nvcpus: 256\nmemory_mib: 4\nkernel: builtin\n"));
+    assert!(!ok("name: a\nvcpus: -1\nmemory_mib: 4\nkernel: builtin\n"));
+    assert!(!ok("name: a\nvcpus: 1\nmemory_mib: 3\nkernel: builtin\n"));
+    assert!(ok(&format!("{MINIMAL}builtin:\n  heartbeat_ms: 60000\n")));
+    assert!(!ok(&format!("{MINIMAL}builtin:\n  heartbeat_ms: 60001\n")));
+    assert!(ok(&format!(
+        "{MINIMAL}restart:\n  backoff_initial_ms: 7\n  backoff_max_ms: 7\n  backoff_multiplier: 1\n"
+    )));
+    assert!(!ok(&format!(
+        "{MINIMAL}restart:\n  backoff_initial_ms: 40000\n"
+    )));
+    assert!(!ok(&format!("{MINIMAL}restart:\n  backoff_max_ms: 99\n")));
+    assert!(!ok(&format!(
+        "{MINIMAL}restart:\n  backoff_multiplier: .nan\n"
+    )));
+    assert!(!ok(&format!(
+        "{MINIMAL}restart:\n  backoff_multiplier: .inf\n"
+    )));
+    assert!(ok(&format!(
+        "{MINIMAL}cmdline: \"{}\"\n",
+        "x".repeat(MAX_CMDLINE_LEN)
+    )));
+    let ps = problems_of(VmSpec::from_yaml(
+        &format!(
+            "{MINIMAL}cmdline: \"{}\"\n",
+            "x".repeat(MAX_CMDLINE_LEN + 1)
+        ),
+        Path::new("a.yaml"),
+    ));
+    assert_eq!(keys(&ps), ["cmdline"]);
+    assert!(ps[0].reason.contains("2049 bytes"), "{ps:?}");
+}
+
+#[test]
+fn missing_kernel_file() {
+    let dir = TempDir::new("nokernel");
+    let file = dir.write(
+        "a.yaml",
+        "name: a\nvcpus: 1\nmemory_mib: 64\nkernel: /x/bzImage\ninitrd: nope.img\n",
+    );
+    let ps = problems_of(VmSpec::load(&file));
+    assert_eq!(keys(&ps), ["kernel", "initrd"], "{ps:?}");
+    assert_eq!(ps[0].reason, "/x/bzImage: no such file");
+    assert_eq!(
+        ps[0].to_string(),
+        format!("{}: kernel: /x/bzImage: no such file", file.display())
+    );
+    assert_eq!(
+        ps[1].reason,
+        format!("{}: no such file", dir.path().join("nope.img").display())
+    );
+}
+
+#[test]
+fn kernel_directory_is_refused() {
+    let dir = TempDir::new("kdir");
+    std::fs::create_dir_all(dir.path().join("kdir")).expect("mkdir");
+    let file = dir.write(
+        "a.yaml",
+        "name: a\nvcpus: 1\nmemory_mib: 64\nkernel: kdir\n",
+    );
+    let ps = problems_of(VmSpec::load(&file));
+    assert_eq!(keys(&ps), ["kernel"]);
+    assert!(
+        ps[0].reason.ends_with("is a directory, expected a file"),
+        "{ps:?}"
+    );
+}
+
+#[test]
+fn builtin_section_needs_builtin_kernel() {
+    let dir = TempDir::new("mismatch");
+    dir.write("vmlinux", "elf");
+    let file = dir.write(
+        "a.yaml",
+        "name: a\nvcpus: 1\nmemory_mib: 64\nkernel: vmlinux\nbuiltin:\n  then: spin\n",
+    );
+    let ps = problems_of(VmSpec::load(&file));
+    assert_eq!(keys(&ps), ["builtin"], "{ps:?}");
+}
+
+#[test]
+fn relative_paths_resolve_against_yaml_dir() {
+    let dir = TempDir::new("relative");
+    dir.write("sub/kernels/bzImage", "k");
+    std::fs::create_dir_all(dir.path().join("sub/logs")).expect("mkdir");
+    let file = dir.write(
+        "sub/vm.yaml",
+        "name: a\nvcpus: 1\nmemory_mib: 64\nkernel: kernels/bzImage\nconsole: logs/a.log\n",
+    );
+    let spec = VmSpec::load(&file).expect("valid");
+    assert_eq!(
+        spec.kernel,
+        KernelSpec::Path(dir.path().join("sub/kernels/bzImage"))
+    );
+    assert_eq!(
+        spec.console,
+        ConsoleSpec::File(dir.path().join("sub/logs/a.log"))
+    );
+
+    // The same text read as if from another directory does not find the kernel there.
+    let other = dir.path().join("elsewhere/vm.yaml");
+    let text = std::fs::read_to_string(&file).expect("read");
+    let ps = problems_of(VmSpec::from_yaml(&text, &other));
+    let mut ks = keys(&ps);
+    ks.sort_unstable();
+    assert_eq!(ks, ["console", "kernel"], "{ps:?}");
+}
+
+#[test]
+fn load_of_missing_file_is_io_error() {
+    let e = VmSpec::load(Path::new("/nonexistent/vmm-fleet/a.yaml")).expect_err("missing");
+    assert!(matches!(e, ConfigError::Io { .. }), "{e:?}");
+    assert!(
+        e.to_string().starts_with("/nonexistent/vmm-fleet/a.yaml: "),
+        "{e}"
+    );
+}
+
+fn vm(name: &str, mem: u64) -> String {
+    format!("name: {name}\nvcpus: 1\nmemory_mib: {mem}\nkernel: builtin\n")
+}
+
+#[test]
+fn load_dir_sorted_and_filtered() {
+    let dir = TempDir::new("dirok");
+    dir.write("b.yml", &vm("b", 64));
+    dir.write("a.yaml", &vm("a", 64));
+    dir.write("c.yaml", &vm("c", 64));
+    dir.write("notes.txt", "ignored");
+    dir.write(".hidden.yaml", "garbage: [");
+    dir.write("sub/d.yaml", "garbage: [");
+    let specs = load_dir(dir.path(), None).expect("valid");
+    let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert_eq!(specs[1].source, dir.path().join("b.yml"));
+}
+
+#[test]
+fn load_dir_duplicate_names_name_both_files() {
+    let dir = TempDir::new("dup");
+    let first = dir.write("1.yaml", &vm("web", 64));
+    let second = dir.write("2.yaml", &vm("web", 64));
+    let e = load_dir(dir.path(), None).expect_err("duplicate");
+    let ps = e.problems();
+    assert_eq!(ps.len(), 1, "{e}");
+    assert_eq!(ps[0].file, second);
+    assert_eq!(ps[0].key, "name");
+    assert!(ps[0].reason.contains(&first.display().to_string()), "{e}");
+    assert!(ps[0].reason.contains("`web`"), "{e}");
+}
+
+#[test]
+fn load_dir_duplicate_name_in_otherwise_broken_file() {
+    let dir = TempDir::new("dup2");
+    dir.write("1.yaml", &vm("web", 64));
+    dir.write(
+        "2.yaml",
+        "name: web\nvcpus: 0\nmemory_mib: 64\nkernel: builtin\n",
+    );
+    let e = load_dir(dir.path(), None).expect_err("broken");
+    let mut ks = keys(e.problems());
+    ks.sort_unstable();
+    assert_eq!(ks, ["name", "vcpus"], "{e}");
+}
+
+#[test]
+fn load_dir_reports_every_broken_file() {
+    let dir = TempDir::new("broken3");
+    let a = dir.write(
+        "a.yaml",
+        "name: a\nvcpus: 1\nmemory_mib: 64\nkernel: builtin\nfoo: 1\n",
+    );
+    let b = dir.write(
+        "b.yaml",
+        "name: b\nvcpus: 0\nmemory_mib: 1\nkernel: builtin\n",
+    );
+    let c = dir.write(
+        "c.yaml",
+        "name: c\nvcpus: 1\nmemory_mib: 64\nkernel: ./missing\n",
+    );
+    dir.write("d.yaml", &vm("d", 64));
+    let e = load_dir(dir.path(), None).expect_err("broken");
+    let ps = e.problems();
+    let files: Vec<_> = ps.iter().map(|p| p.file.clone()).collect();
+    assert_eq!(files, [a, b.clone(), b, c], "{e}");
+    assert_eq!(keys(ps), ["foo", "vcpus", "memory_mib", "kernel"], "{e}");
+    assert_eq!(e.to_string().lines().count(), 4, "{e}");
+}
+
+#[test]
+fn load_dir_unreadable_entry_is_a_problem_for_that_file() {
+    let dir = TempDir::new("unreadable");
+    dir.write("a.yaml", &vm("a", 64));
+    // A directory named like a config file cannot be read as one.
+    std::fs::create_dir_all(dir.path().join("b.yaml")).expect("mkdir");
+    dir.write(
+        "c.yaml",
+        "name: c\nvcpus: 0\nmemory_mib: 64\nkernel: builtin\n",
+    );
+    let e = load_dir(dir.path(), None).expect_err("broken");
+    let ps = e.problems();
+    assert_eq!(ps.len(), 2, "{e}");
+    assert_eq!(ps[0].file, dir.path().join("b.yaml"));
+    assert_eq!(ps[0].key, "");
+    assert!(ps[0].reason.starts_with("cannot read: "), "{e}");
+    assert_eq!(ps[1].file, dir.path().join("c.yaml"));
+}
+
+#[test]
+fn load_dir_total_memory_check() {
+    let dir = TempDir::new("mem");
+    dir.write("a.yaml", &vm("a", 512));
+    dir.write("b.yaml", &vm("b", 512));
+    assert_eq!(load_dir(dir.path(), None).expect("unchecked").len(), 2);
+    assert_eq!(load_dir(dir.path(), Some(1024)).expect("fits").len(), 2);
+    let e = load_dir(dir.path(), Some(1023)).expect_err("too much");
+    let ps = e.problems();
+    assert_eq!(ps.len(), 1, "{e}");
+    assert_eq!(ps[0].file, dir.path());
+    assert_eq!(ps[0].key, "memory_mib");
+    assert!(ps[0].reason.contains("1024 MiB"), "{e}");
+    assert!(ps[0].reason.contains("1023 MiB"), "{e}");
+}
+
+#[test]
+fn load_dir_empty_dir_is_an_error() {
+    let dir = TempDir::new("empty");
+    dir.write("README.md", "no configs here");
+    let e = load_dir(dir.path(), None).expect_err("empty");
+    assert!(matches!(e, ConfigError::NoConfigs { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!("{}: no *.yaml files", dir.path().display())
+    );
+}
+
+#[test]
+fn load_dir_missing_dir_is_io_error() {
+    let e = load_dir(Path::new("/nonexistent/vmm-fleet-dir"), None).expect_err("missing");
+    assert!(matches!(e, ConfigError::Io { .. }), "{e:?}");
+}
+
+#[test]
+fn problem_display() {
+    let p = Problem::new("/c/a.yaml", "restart.backoff_max_ms", "too small");
+    assert_eq!(
+        p.to_string(),
+        "/c/a.yaml: restart.backoff_max_ms: too small"
+    );
+    let p = Problem::new("/c/a.yaml", "", "cannot read: denied");
+    assert_eq!(p.to_string(), "/c/a.yaml: cannot read: denied");
+    let e = ConfigError::Problems(ProblemList(vec![
+        Problem::new("a.yaml", "vcpus", "x"),
+        Problem::new("b.yaml", "name", "y"),
+    ]));
+    assert_eq!(e.to_string(), "a.yaml: vcpus: x\nb.yaml: name: y");
+}
+
+#[test]
+fn fixtures_directory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config");
+    let specs = load_dir(&root.join("valid"), None).expect("valid fixtures");
+    assert_eq!(specs.len(), 2);
+    let e = load_dir(&root.join("invalid"), None).expect_err("invalid fixtures");
+    assert!(e.problems().len() >= 3, "{e}");
+}

@@ -1,0 +1,3 @@
+//! What the fleet counts and exports: per-vCPU exit counters.
+
+pub mod counters;

@@ -1,0 +1,456 @@
+//! `KvmVm`, as in the seed notes: the VM fd, its memory slots, MP table and irqchip,
+//! the vCPUs and their threads, started behind a barrier and stopped by signal.
+
+use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VmFd};
+use nix::sys::signal::{SigSet, Signal};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use super::boot;
+use super::devices::Bus;
+use super::memory::GuestMem;
+use super::mptable;
+use super::vcpu::{
+    ExitHandler, KvmVcpu, StopReason, VcpuConfig, VcpuError, VcpuRunState, VmRunState,
+    install_kick_handler, kick_signal,
+};
+use crate::metrics::counters::ExitCounters;
+
+/// KVM's TSS, three pages in the 32-bit MMIO hole (as Firecracker).
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// KVM's identity map page, just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// How long `shutdown` waits for vCPU threads before it gives up.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The seed's VM configuration: how many vCPUs and how each is set up.
+#[derive(Clone)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub num_vcpus: u8,
+    /// One entry per vCPU.
+    pub vcpus_config: Vec<VcpuConfig>,
+}
+
+impl VmConfig {
+    /// `num_vcpus` vCPUs with KVM's supported CPUID, patched per vCPU, and the boot MSRs.
+    pub fn new(kvm: &Kvm, num_vcpus: u8) -> Result<Self, VmError> {
+        let base = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmError::Kvm {
+                what: "KVM_GET_SUPPORTED_CPUID",
+                source,
+            })?;
+        let vcpus_config = (0..num_vcpus)
+            .map(|id| VcpuConfig {
+                id,
+                cpuid: boot::vcpu_cpuid(&base, id, num_vcpus),
+                msrs: boot::boot_msrs(),
+            })
+            .collect();
+        Ok(VmConfig {
+            num_vcpus,
+            vcpus_config,
+        })
+    }
+}
+
+/// Errors of the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A VM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// errno.
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU could not be created or set up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The MP table could not be written.
+    #[error("MP table: {0}")]
+    MpTable(#[from] mptable::MpTableError),
+    /// `run` was called with a vCPU count that does not match the configuration.
+    #[error("{created} vCPUs created but the configuration asks for {configured}")]
+    VcpuCount {
+        /// vCPUs created.
+        created: usize,
+        /// vCPUs configured.
+        configured: u8,
+    },
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Spawn(std::io::Error),
+    /// Some vCPU threads did not stop in time.
+    #[error("{0} vCPU thread(s) did not stop within {SHUTDOWN_TIMEOUT:?}")]
+    ShutdownTimeout(usize),
+    /// The VM is not in a state for this call.
+    #[error("{0}")]
+    State(&'static str),
+}
+
+/// Counts live vCPU threads so `shutdown` can wait with a deadline.
+#[derive(Default)]
+struct LiveThreads {
+    count: Mutex<usize>,
+    cv: Condvar,
+}
+
+struct LiveGuard(Arc<LiveThreads>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let mut c = self.0.count.lock().unwrap_or_else(|p| p.into_inner());
+        *c = c.saturating_sub(1);
+        self.0.cv.notify_all();
+    }
+}
+
+/// A KVM virtual machine and its vCPU threads.
+pub struct KvmVm {
+    fd: Arc<VmFd>,
+    config: VmConfig,
+    // Only one of `vcpus` or `vcpu_handles` is populated: `run` drains the first into
+    // the second.
+    vcpus: Vec<KvmVcpu>,
+    vcpu_handles: Vec<JoinHandle<()>>,
+    exit_handler: Arc<dyn ExitHandler>,
+    vcpu_barrier: Arc<Barrier>,
+    vcpu_run_state: Arc<VcpuRunState>,
+    live: Arc<LiveThreads>,
+    slots: Vec<(u32, u64)>,
+}
+
+impl KvmVm {
+    /// Create the VM: memory slots, MP table, irqchip (PIC, IOAPIC, LAPICs, PIT), vCPUs.
+    pub fn new(
+        kvm: &Kvm,
+        config: VmConfig,
+        mem: &GuestMem,
+        exit_handler: Arc<dyn ExitHandler>,
+        bus: Arc<Bus>,
+        counters: Arc<ExitCounters>,
+    ) -> Result<Self, VmError> {
+        let mut vm = Self::create_vm(kvm, config, exit_handler, mem)?;
+        mptable::write(&mem.mem, vm.config.num_vcpus)?;
+        vm.setup_irq_controller()?;
+        vm.create_vcpus(bus, counters)?;
+        Ok(vm)
+    }
+
+    fn create_vm(
+        kvm: &Kvm,
+        config: VmConfig,
+        exit_handler: Arc<dyn ExitHandler>,
+        mem: &GuestMem,
+    ) -> Result<Self, VmError> {
+        let fd = Arc::new(kvm.create_vm().map_err(|source| VmError::Kvm {
+            what: "KVM_CREATE_VM",
+            source,
+        })?);
+        let vm = KvmVm {
+            // The calling thread is a party too: `run` returns only once every vCPU
+            // thread is set up, so a shutdown right after `run` finds them all ready.
+            vcpu_barrier: Arc::new(Barrier::new(usize::from(config.num_vcpus) + 1)),
+            config,
+            fd,
+            vcpus: Vec::new(),
+            vcpu_handles: Vec::new(),
+            exit_handler,
+            vcpu_run_state: Arc::new(VcpuRunState::default()),
+            live: Arc::new(LiveThreads::default()),
+            slots: Vec::new(),
+        };
+        let mut vm = vm;
+        vm.configure_memory_regions(mem)?;
+        Ok(vm)
+    }
+
+    /// One KVM slot per region, each with its own flags.
+    pub fn configure_memory_regions(&mut self, mem: &GuestMem) -> Result<(), VmError> {
+        for region in mem.kvm_regions() {
+            // SAFETY: the region describes memory mapped by `mem`, which the caller keeps
+            // alive for as long as the VM exists (run_vm owns both and drops the VM first).
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
+                what: "KVM_SET_USER_MEMORY_REGION",
+                source,
+            })?;
+            self.slots.push((region.slot, region.memory_size));
+        }
+        Ok(())
+    }
+
+    /// TSS and identity-map addresses, then the in-kernel irqchip and PIT.
+    pub fn setup_irq_controller(&mut self) -> Result<(), VmError> {
+        let kvm = |what| move |source| VmError::Kvm { what, source };
+        self.fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        self.fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
+        Ok(())
+    }
+
+    fn create_vcpus(&mut self, bus: Arc<Bus>, counters: Arc<ExitCounters>) -> Result<(), VmError> {
+        for cfg in &self.config.vcpus_config {
+            self.vcpus.push(KvmVcpu::new(
+                &self.fd,
+                cfg,
+                bus.clone(),
+                self.vcpu_run_state.clone(),
+                self.vcpu_barrier.clone(),
+                counters.clone(),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The VM fd.
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// The vCPUs not yet started (empty once `run` has been called).
+    pub fn vcpus(&self) -> &[KvmVcpu] {
+        &self.vcpus
+    }
+
+    /// Route an eventfd to interrupt line `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::Kvm {
+                what: "KVM_IRQFD",
+                source,
+            })
+    }
+
+    /// Where the BSP starts when `run` gets no address (a Linux kernel's entry).
+    pub fn set_bsp_entry(&mut self, entry: u64) -> Result<(), VmError> {
+        let bsp = self
+            .vcpus
+            .first_mut()
+            .ok_or(VmError::State("no vCPU to set an entry on"))?;
+        bsp.boot_entry = Some(entry);
+        Ok(())
+    }
+
+    /// The dirty-page bitmap of `slot` since the last call (KVM_GET_DIRTY_LOG): bit `i`
+    /// of the result is page `i` of the slot.
+    pub fn dirty_log(&self, slot: u32) -> Result<Vec<u64>, VmError> {
+        let size = self
+            .slots
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, size)| *size)
+            .ok_or(VmError::State("no such memory slot"))?;
+        self.fd
+            .get_dirty_log(slot, size as usize)
+            .map_err(|source| VmError::Kvm {
+                what: "KVM_GET_DIRTY_LOG",
+                source,
+            })
+    }
+
+    /// The shared run state.
+    pub fn run_state(&self) -> VmRunState {
+        self.vcpu_run_state.get()
+    }
+
+    /// Start one thread per vCPU, `vcpu_{id}`. With `vcpu_run_addr`, every vCPU starts
+    /// in long mode at that address; without it the BSP starts at its boot entry and the
+    /// APs wait for the guest's INIT/SIPI. Returns once every vCPU is set up.
+    pub fn run(&mut self, vcpu_run_addr: Option<u64>) -> Result<(), VmError> {
+        if self.vcpus.len() != usize::from(self.config.num_vcpus) {
+            return Err(VmError::VcpuCount {
+                created: self.vcpus.len(),
+                configured: self.config.num_vcpus,
+            });
+        }
+        install_kick_handler()?;
+        *self.live.count.lock().unwrap_or_else(|p| p.into_inner()) = self.vcpus.len();
+        let vcpus: Vec<KvmVcpu> = self.vcpus.drain(..).collect();
+        let total = vcpus.len();
+        for (started, mut vcpu) in vcpus.into_iter().enumerate() {
+            let exit_handler = self.exit_handler.clone();
+            let run_state = self.vcpu_run_state.clone();
+            let live = LiveGuard(self.live.clone());
+            let spawned = thread::Builder::new()
+                .name(format!("vcpu_{}", vcpu.id()))
+                .spawn(move || {
+                    let _live = live;
+                    block_process_signals();
+                    if let Some(reason) = vcpu.run(vcpu_run_addr) {
+                        run_state.set_and_notify(VmRunState::Exiting);
+                        exit_handler.kick(reason);
+                    }
+                });
+            match spawned {
+                Ok(h) => self.vcpu_handles.push(h),
+                Err(e) => {
+                    // The started threads wait at the barrier for parties that will never
+                    // come; mark the VM exiting and let the process end.
+                    self.vcpu_run_state.set_and_notify(VmRunState::Exiting);
+                    let missing = total - started;
+                    *self.live.count.lock().unwrap_or_else(|p| p.into_inner()) -= missing;
+                    return Err(VmError::Spawn(e));
+                }
+            }
+        }
+        self.vcpu_barrier.wait();
+        Ok(())
+    }
+
+    fn kick_all(&self) {
+        for h in &self.vcpu_handles {
+            if !h.is_finished() {
+                let _ = h.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Pause every vCPU outside KVM_RUN.
+    pub fn pause(&self) {
+        self.vcpu_run_state.set_and_notify(VmRunState::Suspended);
+        self.kick_all();
+    }
+
+    /// Let paused vCPUs run again.
+    pub fn resume(&self) {
+        if self.vcpu_run_state.get() == VmRunState::Suspended {
+            self.vcpu_run_state.set_and_notify(VmRunState::Running);
+        }
+    }
+
+    /// Stop every vCPU: mark the state Exiting, kick each thread (SIGRTMIN, whose handler
+    /// sets immediate_exit), and join them, waiting at most [`SHUTDOWN_TIMEOUT`].
+    pub fn shutdown(&mut self) -> Result<(), VmError> {
+        self.vcpu_run_state.set_and_notify(VmRunState::Exiting);
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        let mut live = self.live.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *live > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                let left = *live;
+                return Err(VmError::ShutdownTimeout(left));
+            }
+            drop(live);
+            self.kick_all();
+            live = self.live.count.lock().unwrap_or_else(|p| p.into_inner());
+            let wait = (deadline - now).min(Duration::from_millis(20));
+            live = self
+                .live
+                .cv
+                .wait_timeout_while(live, wait, |c| *c > 0)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(live);
+        for h in self.vcpu_handles.drain(..) {
+            let _ = h.join();
+        }
+        Ok(())
+    }
+
+    /// How many vCPU threads are still running.
+    pub fn live_vcpus(&self) -> usize {
+        *self.live.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        if !self.vcpu_handles.is_empty() {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+/// vCPU threads leave process signals (SIGTERM, SIGINT, SIGHUP, SIGCHLD) to the others,
+/// so those never interrupt KVM_RUN.
+fn block_process_signals() {
+    let set = SigSet::from_iter([
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+    ]);
+    let _ = set.thread_block();
+}
+
+/// A stop reason kept for whoever waits on the VM; the first one wins.
+#[derive(Default)]
+pub struct StopLatch {
+    reason: Mutex<Option<StopCause>>,
+    cv: Condvar,
+}
+
+/// Why `run_vm` stops a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCause {
+    /// A vCPU or device stopped it.
+    Guest(StopReason),
+    /// The process got this signal.
+    Signal(i32),
+}
+
+impl StopLatch {
+    /// Record `cause` unless one is there already.
+    pub fn set(&self, cause: StopCause) {
+        let mut g = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(cause);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Wait for a cause.
+    pub fn wait(&self) -> StopCause {
+        let g = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self
+            .cv
+            .wait_while(g, |r| r.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone().unwrap_or(StopCause::Signal(0))
+    }
+
+    /// Wait at most `d` for a cause.
+    pub fn wait_timeout(&self, d: Duration) -> Option<StopCause> {
+        let g = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, d, |r| r.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone()
+    }
+
+    /// The cause so far.
+    pub fn get(&self) -> Option<StopCause> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ExitHandler for StopLatch {
+    fn kick(&self, reason: StopReason) {
+        self.set(StopCause::Guest(reason));
+    }
+}
