@@ -1,0 +1,121 @@
+//! Helpers shared by the integration tests: KVM presence, temp dirs, running the binary.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// True when /dev/kvm exists. When it does not, say so loudly and leave a marker that
+/// .ci/run checks, so a skipped KVM test can never pass unnoticed on a KVM host.
+pub fn kvm_available(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    eprintln!("\n*** KVM-TEST-SKIPPED: {test}: /dev/kvm does not exist on this machine ***\n");
+    let marker = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kvm-skipped");
+    let _ = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(marker)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{test}\n").as_bytes()));
+    false
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// The vmm-fleet binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmm-fleet")
+}
+
+/// Write a VM file for a built-in guest whose console goes to `<dir>/<name>.console`.
+pub fn builtin_config(dir: &Path, name: &str, vcpus: u8, then: &str, extra: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    let text = format!(
+        "name: {name}\nvcpus: {vcpus}\nmemory_mib: 32\nkernel: builtin\nconsole: {name}.console\nbuiltin:\n  then: {then}\n{extra}"
+    );
+    fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Start `vmm-fleet run-vm FILE`.
+pub fn spawn_run_vm(config: &Path) -> Child {
+    Command::new(bin())
+        .arg("run-vm")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmm-fleet")
+}
+
+/// Wait for a child at most `limit`; kill it and panic past that.
+pub fn wait_with_limit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vmm-fleet did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Run to completion; (exit code, stderr).
+pub fn run_to_end(config: &Path, limit: Duration) -> (Option<i32>, String) {
+    let mut child = spawn_run_vm(config);
+    let st = wait_with_limit(&mut child, limit);
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (st.code(), err)
+}
+
+/// Poll `f` until it is true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// The file's text, or "" if it does not exist yet.
+pub fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+/// True once process `pid` has a handler for SIGTERM installed (SigCgt bit 15).
+pub fn catches_sigterm(pid: u32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+}
+
+/// Send SIGTERM to a child.
+pub fn sigterm(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+}
