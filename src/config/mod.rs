@@ -1,12 +1,21 @@
-//! VM configuration: the per-VM YAML schema ([`VmSpec`]), loading one file or a directory.
+//! VM configuration: the per-VM YAML schema ([`VmSpec`]), loading one file or a directory,
+//! and the optional fleet-wide settings file ([`FleetSettings`], [`load_fleet`]).
 //!
-//! One YAML file describes one VM. Parsing and validation live in [`validate`]; this
-//! module owns the validated types, the error type and the directory loader. Every
-//! problem found is reported with its file and dotted key, not just the first one.
+//! One YAML file describes one VM; `fleet.yaml` in the same directory (never a VM file)
+//! holds fleet-wide settings and per-VM defaults. Parsing and validation live in
+//! [`validate`], the settings in `fleet.rs`; this module owns the validated types, the
+//! error type and the directory loader. Every problem found is reported with its file
+//! and dotted key, not just the first one.
 //!
 //! This module imports nothing else of the crate.
 
+mod fleet;
 pub mod validate;
+
+pub use fleet::{
+    DEFAULT_METRICS_ADDRESS, DEFAULT_STARTUP_SETTLE_MS, DEFAULT_STOP_GRACE_S, FleetSettings,
+    SETTINGS_FILE, STARTUP_SETTLE_MS_RANGE, STOP_GRACE_S_RANGE, load_fleet,
+};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -344,12 +353,13 @@ impl VmSpec {
     }
 }
 
-/// Is `path` a config file by name (`*.yaml` / `*.yml`, not hidden)?
+/// Is `path` a VM config file by name (`*.yaml` / `*.yml`, not hidden, not
+/// [`SETTINGS_FILE`])?
 fn is_config_name(path: &Path) -> bool {
     let hidden = path
         .file_name()
         .and_then(|n| n.to_str())
-        .is_none_or(|n| n.starts_with('.'));
+        .is_none_or(|n| n.starts_with('.') || n == SETTINGS_FILE);
     let ext_ok = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml") | Some("yml")
@@ -357,8 +367,8 @@ fn is_config_name(path: &Path) -> bool {
     ext_ok && !hidden
 }
 
-/// Lists the config files of `dir` (`*.yaml` / `*.yml`, hidden files skipped, not
-/// recursive), sorted by file name.
+/// Lists the VM config files of `dir` (`*.yaml` / `*.yml`, hidden files and
+/// [`SETTINGS_FILE`] skipped, not recursive), sorted by file name.
 pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let io_err = |source| ConfigError::Io {
         path: dir.to_path_buf(),
@@ -376,7 +386,7 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 }
 
 /// Loads every `*.yaml` / `*.yml` in `dir` (sorted by file name; not recursive; hidden
-/// files skipped).
+/// files and [`SETTINGS_FILE`] skipped), without fleet settings or defaults.
 ///
 /// Reports every problem in every file (an unreadable file is a problem for that file),
 /// plus cross-file ones: duplicate VM names (naming both files) and, only when
@@ -388,8 +398,25 @@ pub fn load_dir(dir: &Path, check_host_memory: Option<u64>) -> Result<Vec<VmSpec
             dir: dir.to_path_buf(),
         });
     }
-
     let mut problems = Vec::new();
+    let specs = load_vms(files, None, &mut problems);
+    if let Some(avail) = check_host_memory {
+        check_total_memory(dir, &specs, avail, "", &mut problems);
+    }
+    if problems.is_empty() {
+        Ok(specs)
+    } else {
+        Err(ConfigError::from_problems(problems))
+    }
+}
+
+/// Checks every VM file of `files` (with `defaults` applied) and their names' uniqueness,
+/// pushing every problem; returns the valid specs.
+fn load_vms(
+    files: Vec<PathBuf>,
+    defaults: Option<&validate::Defaults>,
+    problems: &mut Vec<Problem>,
+) -> Vec<VmSpec> {
     let mut specs = Vec::new();
     // (name, file) of every file whose name was valid, for the duplicate check.
     let mut names: Vec<(String, PathBuf)> = Vec::new();
@@ -401,7 +428,7 @@ pub fn load_dir(dir: &Path, check_host_memory: Option<u64>) -> Result<Vec<VmSpec
                 continue;
             }
         };
-        let checked = validate::check(&text, &file);
+        let checked = validate::check_with(&text, &file, defaults);
         problems.extend(checked.problems);
         if let Some(name) = checked.name {
             if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
@@ -421,26 +448,29 @@ pub fn load_dir(dir: &Path, check_host_memory: Option<u64>) -> Result<Vec<VmSpec
             specs.push(spec);
         }
     }
+    specs
+}
 
-    if let Some(avail) = check_host_memory {
-        let total: u64 = specs
-            .iter()
-            .fold(0u64, |acc, s| acc.saturating_add(s.memory_mib));
-        if total > avail {
-            problems.push(Problem::new(
-                dir,
-                "memory_mib",
-                format!(
-                    "total memory_mib of all VMs is {total} MiB, more than the {avail} MiB available on the host"
-                ),
-            ));
-        }
-    }
-
-    if problems.is_empty() {
-        Ok(specs)
-    } else {
-        Err(ConfigError::from_problems(problems))
+/// Pushes a problem against `dir` when the VMs' total `memory_mib` exceeds `avail` MiB.
+/// `hint` is appended to the reason.
+fn check_total_memory(
+    dir: &Path,
+    specs: &[VmSpec],
+    avail: u64,
+    hint: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let total: u64 = specs
+        .iter()
+        .fold(0u64, |acc, s| acc.saturating_add(s.memory_mib));
+    if total > avail {
+        problems.push(Problem::new(
+            dir,
+            "memory_mib",
+            format!(
+                "total memory_mib of all VMs is {total} MiB, more than the {avail} MiB available on the host{hint}"
+            ),
+        ));
     }
 }
 

@@ -584,3 +584,401 @@ fn fixtures_directory() {
     let e = load_dir(&root.join("invalid"), None).expect_err("invalid fixtures");
     assert!(e.problems().len() >= 3, "{e}");
 }
+
+// ---- fleet settings (fleet.yaml) and per-VM defaults ----
+
+fn settings_problems(r: Result<FleetSettings, ConfigError>) -> Vec<Problem> {
+    match r {
+        Ok(s) => panic!("expected problems, got {s:?}"),
+        Err(e) => e.problems().to_vec(),
+    }
+}
+
+fn sorted_keys(problems: &[Problem]) -> Vec<&str> {
+    let mut ks = keys(problems);
+    ks.sort_unstable();
+    ks
+}
+
+#[test]
+fn settings_absent_gives_defaults() {
+    let dir = TempDir::new("nosettings");
+    let s = FleetSettings::load(&dir.path().join(SETTINGS_FILE), PathBuf::from("/l"))
+        .expect("defaults");
+    assert_eq!(s, FleetSettings::defaults(PathBuf::from("/l")));
+    assert_eq!(s.log_dir, PathBuf::from("/l"));
+    assert_eq!(s.metrics_address, "127.0.0.1:9464".parse().unwrap());
+    assert_eq!(s.stop_grace, Duration::from_secs(10));
+    assert!(!s.memory_overcommit);
+    assert_eq!(s.startup_settle, Duration::from_millis(500));
+    assert_eq!(s.defaults, None);
+    assert_eq!(s.source, None);
+
+    dir.write("a.yaml", &vm("a", 64));
+    let (s, specs) = load_fleet(dir.path(), None, PathBuf::from("/l"), None).expect("valid");
+    assert_eq!(s, FleetSettings::defaults(PathBuf::from("/l")));
+    assert_eq!(specs.len(), 1);
+
+    // An empty settings file is all defaults too (but it is the source).
+    let f = dir.write(SETTINGS_FILE, "# nothing yet\n");
+    let s = FleetSettings::load(&f, PathBuf::from("/l")).expect("empty");
+    assert_eq!(s.source.as_deref(), Some(f.as_path()));
+    assert_eq!(s.stop_grace, Duration::from_secs(10));
+}
+
+#[test]
+fn full_settings_file() {
+    let dir = TempDir::new("fullsettings");
+    dir.write("images/bzImage", "k");
+    let f = dir.write(
+        SETTINGS_FILE,
+        "\
+log_dir: logs
+metrics_address: 0.0.0.0:9100
+stop_grace_s: 3600
+memory_overcommit: true
+startup_settle_ms: 0
+defaults:
+  vcpus: 2
+  memory_mib: 128
+  kernel: images/bzImage
+  cmdline: console=ttyS0
+  console: off
+  builtin: { then: idle, io_exits: 0, heartbeat_ms: 1000 }
+  restart:
+    policy: always
+    backoff_max_ms: 7000
+",
+    );
+    let s = FleetSettings::load(&f, PathBuf::from("/unused")).expect("valid");
+    assert_eq!(s.log_dir, dir.path().join("logs"));
+    assert_eq!(s.metrics_address, "0.0.0.0:9100".parse().unwrap());
+    assert_eq!(s.stop_grace, Duration::from_secs(3600));
+    assert!(s.memory_overcommit);
+    assert_eq!(s.startup_settle, Duration::ZERO);
+    assert_eq!(s.source.as_deref(), Some(f.as_path()));
+    let d = s.defaults.as_ref().expect("defaults");
+    let kernel = dir.path().join("images/bzImage");
+    assert_eq!(d.get("kernel").and_then(|v| v.as_str()), kernel.to_str());
+    assert_eq!(d.get("vcpus").and_then(|v| v.as_i64()), Some(2));
+    assert_eq!(d.get("console").and_then(|v| v.as_str()), Some("off"));
+
+    // An absolute log_dir is kept; a missing one is fine when its parent exists.
+    let f = dir.write("b/fleet.yaml", "log_dir: /tmp/vmm-fleet-test-no-such-dir\n");
+    let s = FleetSettings::load(&f, PathBuf::new()).expect("valid");
+    assert_eq!(s.log_dir, PathBuf::from("/tmp/vmm-fleet-test-no-such-dir"));
+}
+
+#[test]
+fn settings_unknown_key() {
+    let dir = TempDir::new("settingsunknown");
+    let f = dir.write(SETTINGS_FILE, "stop_grace_s: 5\nlog_dri: /tmp\n");
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert_eq!(keys(&ps), ["log_dri"], "{ps:?}");
+    assert_eq!(ps[0].file, f);
+    assert!(ps[0].reason.contains("unknown field `log_dri`"), "{ps:?}");
+    assert!(ps[0].reason.contains("`log_dir`"), "{ps:?}");
+    assert!(ps[0].reason.ends_with("(line 2)"), "{ps:?}");
+}
+
+#[test]
+fn settings_bad_values_all_reported() {
+    let dir = TempDir::new("settingsbad");
+    let f = dir.write(
+        SETTINGS_FILE,
+        "\
+log_dir: /definitely/not/a/dir/logs
+metrics_address: localhost:9464
+stop_grace_s: 0
+memory_overcommit: yes
+startup_settle_ms: 60001
+defaults:
+  name: x
+  vcpus: two
+  memory_mib: 64
+  kernal: builtin
+  restart:
+    polcy: always
+    backoff_max_ms: 10
+  builtin: 3
+",
+    );
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert_eq!(
+        sorted_keys(&ps),
+        [
+            "defaults.builtin",
+            "defaults.kernal",
+            "defaults.name",
+            "defaults.restart.polcy",
+            "defaults.vcpus",
+            "log_dir",
+            "memory_overcommit",
+            "metrics_address",
+            "startup_settle_ms",
+            "stop_grace_s",
+        ],
+        "{ps:#?}"
+    );
+    assert!(ps.iter().all(|p| p.file == f), "{ps:#?}");
+    let find = |k: &str| ps.iter().find(|p| p.key == k).expect(k).reason.clone();
+    assert_eq!(
+        find("stop_grace_s"),
+        "0 is out of range, must be 1..=3600 (line 3)"
+    );
+    assert!(find("metrics_address").contains("`localhost:9464`"));
+    assert!(find("memory_overcommit").contains("expected a boolean"));
+    assert!(find("log_dir").contains("/definitely/not/a/dir"));
+    assert!(find("defaults.vcpus").contains("expected an integer"));
+    assert!(find("defaults.vcpus").ends_with("(line 8)"));
+    assert!(find("defaults.restart.polcy").contains("unknown field `polcy`"));
+    assert!(find("defaults.restart.polcy").ends_with("(line 12)"));
+    assert!(find("defaults.builtin").contains("expected a mapping"));
+    let shown = ConfigError::Problems(ProblemList(ps.clone())).to_string();
+    assert_eq!(shown.lines().count(), ps.len());
+}
+
+#[test]
+fn settings_not_a_mapping_or_unreadable() {
+    let dir = TempDir::new("settingsshape");
+    let f = dir.write(SETTINGS_FILE, "- a\n");
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert_eq!(keys(&ps), [""], "{ps:?}");
+    let f = dir.write("b.yaml", "log_dir: [unclosed\n");
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    std::fs::create_dir_all(dir.path().join("d/fleet.yaml")).expect("mkdir");
+    let ps = settings_problems(FleetSettings::load(
+        &dir.path().join("d/fleet.yaml"),
+        PathBuf::new(),
+    ));
+    assert!(ps[0].reason.starts_with("cannot read"), "{ps:?}");
+}
+
+#[test]
+fn settings_file_is_not_a_vm_file() {
+    let dir = TempDir::new("skipfleet");
+    dir.write(SETTINGS_FILE, "stop_grace_s: 5\n");
+    dir.write("a.yaml", &vm("a", 64));
+    let files = config_files(dir.path()).expect("list");
+    assert_eq!(files, [dir.path().join("a.yaml")]);
+    assert_eq!(load_dir(dir.path(), None).expect("valid").len(), 1);
+    let (s, specs) = load_fleet(dir.path(), None, PathBuf::new(), None).expect("valid");
+    assert_eq!(s.stop_grace, Duration::from_secs(5));
+    assert_eq!(specs.len(), 1);
+
+    // A directory holding only the settings file has no VM files.
+    let only = TempDir::new("onlyfleet");
+    only.write(SETTINGS_FILE, "stop_grace_s: 5\n");
+    let e = load_fleet(only.path(), None, PathBuf::new(), None).expect_err("no vms");
+    assert!(matches!(e, ConfigError::NoConfigs { .. }), "{e:?}");
+}
+
+#[test]
+fn defaults_are_merged_into_vms() {
+    let dir = TempDir::new("merge");
+    dir.write(
+        SETTINGS_FILE,
+        "\
+defaults:
+  memory_mib: 96
+  kernel: builtin
+  builtin: { then: idle, heartbeat_ms: 250 }
+  restart:
+    policy: never
+    backoff_max_ms: 7000
+",
+    );
+    dir.write(
+        "a.yaml",
+        "name: a\nvcpus: 1\nrestart:\n  policy: always\nbuiltin:\n  then: spin\n",
+    );
+    dir.write("b.yaml", "name: b\nvcpus: 2\nmemory_mib: 32\n");
+    let (_, specs) = load_fleet(dir.path(), None, PathBuf::new(), None).expect("valid");
+    let (a, b) = (&specs[0], &specs[1]);
+    assert_eq!(a.memory_mib, 96);
+    assert_eq!(a.kernel, KernelSpec::Builtin);
+    assert_eq!(a.restart.policy, RestartPolicy::Always);
+    assert_eq!(a.restart.backoff_max_ms, 7000);
+    assert_eq!(
+        a.restart.backoff_initial_ms,
+        RestartSpec::default().backoff_initial_ms
+    );
+    assert_eq!(a.builtin.then, BuiltinThen::Spin);
+    assert_eq!(a.builtin.heartbeat_ms, 250);
+    assert_eq!(b.memory_mib, 32);
+    assert_eq!(b.restart.policy, RestartPolicy::Never);
+    assert_eq!(b.builtin.then, BuiltinThen::Idle);
+
+    // The same through FleetSettings::load_vm (what `run-vm --settings` does).
+    let s = FleetSettings::load(&dir.path().join(SETTINGS_FILE), PathBuf::new()).expect("ok");
+    assert_eq!(&s.load_vm(&dir.path().join("a.yaml")).expect("valid"), a);
+}
+
+#[test]
+fn default_paths_resolve_against_settings_dir() {
+    let dir = TempDir::new("defpaths");
+    dir.write("etc/kernels/bzImage", "k");
+    dir.write("etc/initrd.img", "i");
+    dir.write("vms/own/bzImage", "k2");
+    std::fs::create_dir_all(dir.path().join("etc/consoles")).expect("mkdir");
+    let settings = dir.write(
+        "etc/settings.yaml",
+        "defaults:\n  vcpus: 1\n  memory_mib: 64\n  kernel: kernels/bzImage\n  \
+         initrd: ./initrd.img\n  console: consoles/all.log\n",
+    );
+    dir.write("vms/a.yaml", "name: a\n");
+    dir.write("vms/b.yaml", "name: b\nkernel: own/bzImage\n");
+    dir.write("vms/c.yaml", "name: c\nkernel: builtin\n");
+    let vms = dir.path().join("vms");
+    let (_, specs) = load_fleet(&vms, Some(&settings), PathBuf::new(), None).expect("valid");
+    let etc = dir.path().join("etc");
+    assert_eq!(
+        specs[0].kernel,
+        KernelSpec::Path(etc.join("kernels/bzImage"))
+    );
+    assert_eq!(specs[0].initrd, Some(etc.join("./initrd.img")));
+    assert_eq!(
+        specs[0].console,
+        ConsoleSpec::File(etc.join("consoles/all.log"))
+    );
+    // The VM file's own paths still resolve against the VM file's directory.
+    assert_eq!(specs[1].kernel, KernelSpec::Path(vms.join("own/bzImage")));
+    // A default initrd does not apply to builtin-kernel VMs.
+    assert_eq!(specs[2].kernel, KernelSpec::Builtin);
+    assert_eq!(specs[2].initrd, None);
+}
+
+#[test]
+fn builtin_defaults_skip_kernel_path_vms() {
+    let dir = TempDir::new("defbuiltin");
+    dir.write("bzImage", "k");
+    dir.write(
+        SETTINGS_FILE,
+        "defaults:\n  vcpus: 1\n  memory_mib: 64\n  builtin:\n    then: crash\n",
+    );
+    dir.write("a.yaml", "name: a\nkernel: bzImage\n");
+    dir.write("b.yaml", "name: b\nkernel: builtin\n");
+    let (_, specs) = load_fleet(dir.path(), None, PathBuf::new(), None).expect("valid");
+    assert_eq!(specs[0].builtin, BuiltinSpec::default());
+    assert_eq!(specs[1].builtin.then, BuiltinThen::Crash);
+}
+
+#[test]
+fn explicit_settings_path_replaces_dir_settings() {
+    let dir = TempDir::new("explicit");
+    dir.write(SETTINGS_FILE, "stop_grace_s: 0\n");
+    dir.write("a.yaml", &vm("a", 64));
+    let other = dir.write("other/s.yaml", "stop_grace_s: 7\n");
+    let (s, _) = load_fleet(dir.path(), Some(&other), PathBuf::new(), None).expect("valid");
+    assert_eq!(s.stop_grace, Duration::from_secs(7));
+    assert_eq!(s.source.as_deref(), Some(other.as_path()));
+
+    // An explicit settings file must exist.
+    let missing = dir.path().join("nope.yaml");
+    let e = load_fleet(dir.path(), Some(&missing), PathBuf::new(), None).expect_err("missing");
+    assert_eq!(e.problems().len(), 1, "{e}");
+    assert_eq!(e.problems()[0].file, missing);
+    assert!(e.problems()[0].reason.contains("no such file"), "{e}");
+}
+
+#[test]
+fn memory_overcommit_disables_memory_check() {
+    let dir = TempDir::new("overcommit");
+    dir.write("a.yaml", &vm("a", 512));
+    dir.write("b.yaml", &vm("b", 512));
+    let e = load_fleet(dir.path(), None, PathBuf::new(), Some(1000)).expect_err("too much");
+    assert_eq!(keys(e.problems()), ["memory_mib"], "{e}");
+    assert_eq!(e.problems()[0].file, dir.path());
+    assert!(e.problems()[0].reason.contains("memory_overcommit"), "{e}");
+    assert!(load_fleet(dir.path(), None, PathBuf::new(), None).is_ok());
+
+    dir.write(SETTINGS_FILE, "memory_overcommit: true\n");
+    let (s, specs) = load_fleet(dir.path(), None, PathBuf::new(), Some(1000)).expect("allowed");
+    assert!(s.memory_overcommit);
+    assert_eq!(specs.len(), 2);
+
+    dir.write(SETTINGS_FILE, "memory_overcommit: false\n");
+    assert!(load_fleet(dir.path(), None, PathBuf::new(), Some(1000)).is_err());
+}
+
+#[test]
+fn load_fleet_reports_settings_and_vm_problems_together() {
+    let dir = TempDir::new("together");
+    let settings = dir.write(
+        SETTINGS_FILE,
+        "stop_grace_s: 0\nmetrics_address: nowhere\ndefaults:\n  vcpus: 0\n",
+    );
+    let a = dir.write("a.yaml", "name: a\nmemory_mib: 64\nkernel: builtin\n");
+    let b = dir.write(
+        "b.yaml",
+        "name: b\nvcpus: 1\nmemory_mib: 1\nkernel: builtin\n",
+    );
+    let c = dir.write("c.yaml", &format!("{}bogus: 1\n", vm("c", 64)));
+    let e = load_fleet(dir.path(), None, PathBuf::new(), None).expect_err("broken");
+    let ps = e.problems();
+    let got: Vec<(&Path, &str)> = ps
+        .iter()
+        .map(|p| (p.file.as_path(), p.key.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (settings.as_path(), "stop_grace_s"),
+            (settings.as_path(), "metrics_address"),
+            (a.as_path(), "vcpus"),
+            (b.as_path(), "memory_mib"),
+            (c.as_path(), "bogus"),
+        ],
+        "{e}"
+    );
+    // A bad value taken from the defaults says where it came from.
+    assert!(
+        ps[2]
+            .reason
+            .contains(&format!("defaults in {}", settings.display())),
+        "{e}"
+    );
+    // Parse errors in VM files keep their line numbers when defaults apply.
+    assert!(ps[4].reason.contains("line 5"), "{e}");
+    assert_eq!(e.to_string().lines().count(), 5);
+}
+
+#[test]
+fn every_missing_key_is_reported() {
+    let ps = problems_of(VmSpec::from_yaml("name: a\n", Path::new("a.yaml")));
+    assert_eq!(keys(&ps), ["vcpus", "memory_mib", "kernel"], "{ps:?}");
+    assert!(ps.iter().all(|p| p.reason.starts_with("missing field")));
+
+    // With defaults, only what neither gives is missing.
+    let dir = TempDir::new("missing");
+    dir.write(SETTINGS_FILE, "defaults:\n  vcpus: 1\n");
+    dir.write("a.yaml", "name: a\nkernel: builtin\n");
+    let e = load_fleet(dir.path(), None, PathBuf::new(), None).expect_err("missing");
+    assert_eq!(keys(e.problems()), ["memory_mib"], "{e}");
+}
+
+#[test]
+fn find_line_follows_block_nesting() {
+    let text = "a: 1\nb:\n  # c: no\n  c: 2\n  d:\n    e: 3\nc: 4\ne: 5\n";
+    assert_eq!(validate::find_line(text, &["a"]), Some(1));
+    assert_eq!(validate::find_line(text, &["b", "c"]), Some(4));
+    assert_eq!(validate::find_line(text, &["b", "d", "e"]), Some(6));
+    assert_eq!(validate::find_line(text, &["c"]), Some(7));
+    assert_eq!(validate::find_line(text, &["b", "e"]), Some(6));
+    assert_eq!(validate::find_line(text, &["a", "x"]), None);
+    assert_eq!(validate::find_line(text, &["x"]), None);
+}
+
+#[test]
+fn fleet_fixtures_directory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config");
+    let (s, specs) =
+        load_fleet(&root.join("fleet"), None, PathBuf::from("/l"), None).expect("valid");
+    assert_eq!(s.stop_grace, Duration::from_secs(20));
+    assert_eq!(specs.len(), 2);
+    assert!(specs.iter().all(|v| v.restart.backoff_max_ms == 10_000));
+    let e = load_fleet(&root.join("fleet-invalid"), None, PathBuf::from("/l"), None)
+        .expect_err("invalid");
+    assert!(e.problems().len() >= 3, "{e}");
+}

@@ -10,6 +10,7 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
 
 use super::{
     BuiltinSpec, BuiltinThen, ConsoleSpec, DEFAULT_CMDLINE, HEARTBEAT_MS_RANGE, KernelSpec,
@@ -17,14 +18,20 @@ use super::{
     VmSpec,
 };
 
-/// The file as written, before validation.
-#[derive(Debug, Deserialize)]
+/// The file as written, before validation. Every key is optional here so that one struct
+/// serves VM files and the fleet-wide `defaults:`; required keys are checked after the
+/// defaults are merged in.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVm {
-    name: String,
-    vcpus: i64,
-    memory_mib: i64,
-    kernel: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    vcpus: Option<i64>,
+    #[serde(default)]
+    memory_mib: Option<i64>,
+    #[serde(default)]
+    kernel: Option<String>,
     #[serde(default)]
     initrd: Option<String>,
     #[serde(default)]
@@ -38,7 +45,7 @@ struct RawVm {
 }
 
 /// The `builtin:` section as written.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBuiltin {
     #[serde(default)]
@@ -50,7 +57,7 @@ struct RawBuiltin {
 }
 
 /// The `restart:` section as written.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRestart {
     #[serde(default)]
@@ -92,6 +99,17 @@ pub fn base_dir(source: &Path) -> PathBuf {
 
 /// Parses and validates `text` as if read from `source`, collecting every problem.
 pub fn check(text: &str, source: &Path) -> Checked {
+    check_with(text, source, None)
+}
+
+/// Like [`check`], with fleet-wide `defaults` filling the keys the file leaves out.
+///
+/// Top-level keys of the file win over the defaults; the `builtin` and `restart` sections
+/// are merged key by key (the file wins per key). A default `initrd` only applies to VMs
+/// booting a kernel path and a default `builtin` section only to `kernel: builtin` VMs, so
+/// one set of defaults can serve both kinds. Problems are reported against `source`; a
+/// problem about a value taken from the defaults says so.
+pub fn check_with(text: &str, source: &Path, defaults: Option<&Defaults>) -> Checked {
     if matches!(
         serde_yaml::from_str::<serde_yaml::Value>(text),
         Ok(serde_yaml::Value::Null)
@@ -116,13 +134,28 @@ pub fn check(text: &str, source: &Path) -> Checked {
             };
         }
     };
+    let (raw, from_defaults) = match defaults {
+        Some(d) => merge(raw, &d.raw),
+        None => (raw, Vec::new()),
+    };
     let mut v = Validator {
         file: source,
         base: base_dir(source),
         problems: Vec::new(),
     };
     let (spec, name) = v.spec(raw);
-    let problems = v.problems;
+    let mut problems = v.problems;
+    if let Some(d) = defaults {
+        let origin = match &d.source {
+            Some(f) => format!(" (value from the defaults in {})", f.display()),
+            None => " (value from the fleet defaults)".to_string(),
+        };
+        for p in &mut problems {
+            if from_defaults.contains(&p.key.as_str()) {
+                p.reason.push_str(&origin);
+            }
+        }
+    }
     Checked {
         spec: problems.is_empty().then_some(spec),
         name,
@@ -130,8 +163,295 @@ pub fn check(text: &str, source: &Path) -> Checked {
     }
 }
 
+/// Fleet-wide defaults for every VM (the `defaults:` section of the fleet settings),
+/// checked for keys and types, with relative paths already resolved.
+#[derive(Debug, Clone, Default)]
+pub struct Defaults {
+    raw: RawVm,
+    source: Option<PathBuf>,
+}
+
+impl Defaults {
+    /// Builds defaults from a `defaults:` mapping as kept in
+    /// [`FleetSettings::defaults`](super::FleetSettings::defaults) (relative paths in it
+    /// resolve against the current directory, so make them absolute first). `source`
+    /// names the settings file in problems.
+    pub fn from_mapping(map: &Mapping, source: Option<&Path>) -> Result<Self, Problem> {
+        let file = source.unwrap_or(Path::new(""));
+        if map.contains_key("name") {
+            return Err(Problem::new(file, "defaults.name", NAME_IN_DEFAULTS));
+        }
+        let raw: RawVm = serde_yaml::from_value(Value::Mapping(map.clone())).map_err(|e| {
+            let mut p = parse_problem(&e, file);
+            p.key = if p.key.is_empty() {
+                "defaults".to_string()
+            } else {
+                format!("defaults.{}", p.key)
+            };
+            p
+        })?;
+        Ok(Self {
+            raw,
+            source: source.map(Path::to_path_buf),
+        })
+    }
+}
+
+const NAME_IN_DEFAULTS: &str = "not allowed in defaults: every VM file names its own VM";
+
+/// Fills the keys `vm` leaves out from `d`; returns the merged file and the dotted keys
+/// taken from the defaults.
+fn merge(mut vm: RawVm, d: &RawVm) -> (RawVm, Vec<&'static str>) {
+    fn take<T: Clone>(
+        slot: &mut Option<T>,
+        default: &Option<T>,
+        key: &'static str,
+        from: &mut Vec<&'static str>,
+    ) {
+        if slot.is_none() && default.is_some() {
+            slot.clone_from(default);
+            from.push(key);
+        }
+    }
+    let mut from = Vec::new();
+    let f = &mut from;
+    take(&mut vm.vcpus, &d.vcpus, "vcpus", f);
+    take(&mut vm.memory_mib, &d.memory_mib, "memory_mib", f);
+    take(&mut vm.kernel, &d.kernel, "kernel", f);
+    take(&mut vm.cmdline, &d.cmdline, "cmdline", f);
+    take(&mut vm.console, &d.console, "console", f);
+    let is_builtin = vm.kernel.as_deref().map(|k| k == "builtin");
+    if is_builtin == Some(false) {
+        take(&mut vm.initrd, &d.initrd, "initrd", f);
+    }
+    if let (Some(true), Some(db)) = (is_builtin, &d.builtin) {
+        let b = vm.builtin.get_or_insert_with(RawBuiltin::default);
+        take(&mut b.then, &db.then, "builtin.then", f);
+        take(&mut b.io_exits, &db.io_exits, "builtin.io_exits", f);
+        take(
+            &mut b.heartbeat_ms,
+            &db.heartbeat_ms,
+            "builtin.heartbeat_ms",
+            f,
+        );
+    }
+    if let Some(dr) = &d.restart {
+        let r = vm.restart.get_or_insert_with(RawRestart::default);
+        take(&mut r.policy, &dr.policy, "restart.policy", f);
+        take(
+            &mut r.backoff_initial_ms,
+            &dr.backoff_initial_ms,
+            "restart.backoff_initial_ms",
+            f,
+        );
+        take(
+            &mut r.backoff_max_ms,
+            &dr.backoff_max_ms,
+            "restart.backoff_max_ms",
+            f,
+        );
+        take(
+            &mut r.backoff_multiplier,
+            &dr.backoff_multiplier,
+            "restart.backoff_multiplier",
+            f,
+        );
+        take(
+            &mut r.start_limit_burst,
+            &dr.start_limit_burst,
+            "restart.start_limit_burst",
+            f,
+        );
+        take(
+            &mut r.start_limit_interval_s,
+            &dr.start_limit_interval_s,
+            "restart.start_limit_interval_s",
+            f,
+        );
+        take(
+            &mut r.stable_after_s,
+            &dr.stable_after_s,
+            "restart.stable_after_s",
+            f,
+        );
+    }
+    (vm, from)
+}
+
+/// Keys accepted in `defaults:` (every VM key but `name`).
+const DEFAULT_KEYS: [&str; 8] = [
+    "vcpus",
+    "memory_mib",
+    "kernel",
+    "initrd",
+    "cmdline",
+    "console",
+    "builtin",
+    "restart",
+];
+
+/// Checks the `defaults:` mapping of the settings file `file` (whose text is `text`, for
+/// line numbers) key by key, so that every bad key is reported. Returns the mapping
+/// without its bad or null entries, with relative `kernel`, `initrd` and `console` paths
+/// resolved against the settings file's directory, and the problems (keys `defaults.*`).
+pub(super) fn check_defaults(map: &Mapping, file: &Path, text: &str) -> (Mapping, Vec<Problem>) {
+    let base = base_dir(file);
+    let mut problems = Vec::new();
+    let mut problem = |key: &str, reason: String| {
+        let segments: Vec<&str> = key.split('.').collect();
+        problems.push(Problem::new(file, key, with_line(reason, text, &segments)));
+    };
+    let mut out = Mapping::new();
+    for (k, v) in map {
+        let Some(k) = k.as_str() else {
+            problem(
+                "defaults",
+                format!("keys must be strings, found {}", describe(k)),
+            );
+            continue;
+        };
+        let key = format!("defaults.{k}");
+        if k == "name" {
+            problem(&key, NAME_IN_DEFAULTS.to_string());
+            continue;
+        }
+        if !DEFAULT_KEYS.contains(&k) {
+            let expected = DEFAULT_KEYS.map(|k| format!("`{k}`")).join(", ");
+            problem(
+                &key,
+                format!("unknown field `{k}`, expected one of {expected}"),
+            );
+            continue;
+        }
+        if v.is_null() {
+            continue;
+        }
+        if matches!(k, "builtin" | "restart")
+            && let Value::Mapping(section) = v
+        {
+            let mut kept = Mapping::new();
+            for (sk, sv) in section {
+                let Some(sk) = sk.as_str() else {
+                    problem(
+                        &key,
+                        format!("keys must be strings, found {}", describe(sk)),
+                    );
+                    continue;
+                };
+                let inner = Value::Mapping(Mapping::from_iter([(sk.into(), sv.clone())]));
+                match type_error(k, &inner) {
+                    Some(reason) => problem(&format!("{key}.{sk}"), reason),
+                    None if sv.is_null() => {}
+                    None => {
+                        kept.insert(sk.into(), sv.clone());
+                    }
+                }
+            }
+            out.insert(k.into(), Value::Mapping(kept));
+            continue;
+        }
+        if let Some(reason) = type_error(k, v) {
+            problem(&key, reason);
+            continue;
+        }
+        let v = match (k, v.as_str()) {
+            ("kernel", Some(s)) if s != "builtin" && !s.is_empty() => absolute(&base, s),
+            ("initrd", Some(s)) if !s.is_empty() => absolute(&base, s),
+            ("console", Some(s)) if !matches!(s, "stdout" | "off" | "") => absolute(&base, s),
+            _ => Ok(v.clone()),
+        };
+        match v {
+            Ok(v) => {
+                out.insert(k.into(), v);
+            }
+            Err(reason) => problem(&key, reason),
+        }
+    }
+    (out, problems)
+}
+
+/// Why `{key: value}` does not deserialize as part of a VM file, if it does not.
+fn type_error(key: &str, value: &Value) -> Option<String> {
+    let one = Value::Mapping(Mapping::from_iter([(key.into(), value.clone())]));
+    serde_yaml::from_value::<RawVm>(one)
+        .err()
+        .map(|e| humanize(&e.to_string()))
+}
+
+/// `rel` resolved against `base`, as a YAML string.
+fn absolute(base: &Path, rel: &str) -> Result<Value, String> {
+    let p = Path::new(rel);
+    if p.is_absolute() {
+        return Ok(rel.into());
+    }
+    let joined = base.join(p);
+    match joined.to_str() {
+        Some(s) => Ok(s.into()),
+        None => Err(format!(
+            "{}: the settings file's directory is not valid UTF-8; give an absolute path",
+            joined.display()
+        )),
+    }
+}
+
+/// A short description of a YAML value's kind, for messages.
+pub(super) fn describe(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a sequence",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// `reason` with ` (line N)` appended when the block-style key path `keys` is found in
+/// `text` (and `reason` carries no position yet).
+pub(super) fn with_line(mut reason: String, text: &str, keys: &[&str]) -> String {
+    if keys.iter().all(|k| !k.is_empty())
+        && !(reason.contains("(line ") || reason.contains(" at line "))
+        && let Some(line) = find_line(text, keys)
+    {
+        reason.push_str(&format!(" (line {line})"));
+    }
+    reason
+}
+
+/// The 1-based line of the key path `keys` (like `["defaults", "restart", "policy"]`) in
+/// block-style YAML `text`: each key found at the start of a line, nested ones indented
+/// deeper than their parent and before the parent's block ends. `None` if not found.
+pub(super) fn find_line(text: &str, keys: &[&str]) -> Option<usize> {
+    let mut want = 0;
+    let mut parent_indent: Option<usize> = None;
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        let in_block = match parent_indent {
+            None => indent == 0,
+            Some(p) if indent <= p => return None,
+            Some(_) => true,
+        };
+        let is_key = trimmed
+            .strip_prefix(*keys.get(want)?)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'));
+        if in_block && is_key {
+            want += 1;
+            if want == keys.len() {
+                return Some(i + 1);
+            }
+            parent_indent = Some(indent);
+        }
+    }
+    None
+}
+
 /// Turns a serde_yaml error into a problem, extracting the dotted key when possible.
-fn parse_problem(e: &serde_yaml::Error, file: &Path) -> Problem {
+pub(super) fn parse_problem(e: &serde_yaml::Error, file: &Path) -> Problem {
     let full = e.to_string();
     // serde_yaml appends " at line L column C" to its messages; we re-add it ourselves in
     // a uniform form, unless the message carries more positions (libyaml syntax errors).
@@ -178,11 +498,15 @@ fn parse_problem(e: &serde_yaml::Error, file: &Path) -> Problem {
 }
 
 /// Replaces Rust type names in serde messages with words a config author knows.
-fn humanize(msg: &str) -> String {
+pub(super) fn humanize(msg: &str) -> String {
     [
         ("expected struct RawVm", "expected a mapping of VM settings"),
         ("expected struct RawBuiltin", "expected a mapping"),
         ("expected struct RawRestart", "expected a mapping"),
+        (
+            "expected struct RawSettings",
+            "expected a mapping of fleet settings",
+        ),
         ("expected i64", "expected an integer"),
         ("expected u64", "expected a non-negative integer"),
         ("expected f64", "expected a number"),
@@ -211,20 +535,29 @@ impl Validator<'_> {
     /// Validates every field; the returned spec is only meaningful if no problem was
     /// pushed. Also returns the name when it is valid.
     fn spec(&mut self, raw: RawVm) -> (VmSpec, Option<String>) {
-        let name_ok = self.name(&raw.name);
-        let vcpus = self.int_range("vcpus", raw.vcpus, 1, i64::from(MAX_VCPUS));
-        let memory_mib = self.int_min("memory_mib", raw.memory_mib, MIN_MEMORY_MIB as i64);
-        let is_builtin = raw.kernel == "builtin";
-        let kernel = self.kernel(&raw.kernel);
+        let name = self.required("name", raw.name);
+        let name_ok = name.as_deref().is_some_and(|n| self.name(n));
+        let vcpus = self
+            .required("vcpus", raw.vcpus)
+            .map(|v| self.int_range("vcpus", v, 1, i64::from(MAX_VCPUS)));
+        let memory_mib = self
+            .required("memory_mib", raw.memory_mib)
+            .map(|v| self.int_min("memory_mib", v, MIN_MEMORY_MIB as i64));
+        let raw_kernel = self.required("kernel", raw.kernel);
+        let is_builtin = raw_kernel.as_deref() == Some("builtin");
+        let kernel = raw_kernel.and_then(|k| self.kernel(&k));
         let initrd = self.initrd(raw.initrd.as_deref(), is_builtin);
         let cmdline = self.cmdline(raw.cmdline);
         let console = self.console(raw.console.as_deref());
         let builtin = self.builtin(raw.builtin, is_builtin);
         let restart = self.restart(raw.restart.unwrap_or_default());
+        let name = name.unwrap_or_default();
         let spec = VmSpec {
-            name: raw.name.clone(),
-            vcpus: u8::try_from(vcpus).unwrap_or(1),
-            memory_mib: u64::try_from(memory_mib).unwrap_or(MIN_MEMORY_MIB),
+            name: name.clone(),
+            vcpus: vcpus.and_then(|v| u8::try_from(v).ok()).unwrap_or(1),
+            memory_mib: memory_mib
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(MIN_MEMORY_MIB),
             kernel: kernel.unwrap_or(KernelSpec::Builtin),
             initrd,
             cmdline,
@@ -233,7 +566,15 @@ impl Validator<'_> {
             restart,
             source: self.file.to_path_buf(),
         };
-        (spec, name_ok.then_some(raw.name))
+        (spec, name_ok.then_some(name))
+    }
+
+    /// Reports `key` as missing when `v` is `None`.
+    fn required<T>(&mut self, key: &str, v: Option<T>) -> Option<T> {
+        if v.is_none() {
+            self.problem(key, format!("missing field `{key}`"));
+        }
+        v
     }
 
     fn name(&mut self, name: &str) -> bool {

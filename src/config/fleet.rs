@@ -1,0 +1,370 @@
+//! Fleet-wide settings (`fleet.yaml`: log directory, metrics address, stop and startup
+//! timings, memory overcommit, per-VM `defaults:`) and loading a whole fleet with them.
+//!
+//! The settings file is checked key by key (not with one serde pass), so that every bad
+//! key is reported together, each with its file, dotted key and, when it can be found in
+//! the text, its line.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml::{Mapping, Value};
+
+use super::validate::{self, Defaults};
+use super::{ConfigError, Problem, VmSpec};
+
+/// Name of the optional settings file in a fleet directory; never read as a VM file.
+pub const SETTINGS_FILE: &str = "fleet.yaml";
+/// Default of `metrics_address`.
+pub const DEFAULT_METRICS_ADDRESS: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9464,
+));
+/// Default of `stop_grace_s`.
+pub const DEFAULT_STOP_GRACE_S: u64 = 10;
+/// Accepted range of `stop_grace_s`.
+pub const STOP_GRACE_S_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
+/// Default of `startup_settle_ms`.
+pub const DEFAULT_STARTUP_SETTLE_MS: u64 = 500;
+/// Accepted range of `startup_settle_ms`.
+pub const STARTUP_SETTLE_MS_RANGE: std::ops::RangeInclusive<u64> = 0..=60_000;
+
+/// Validated fleet-wide settings: the contents of the settings file, or the defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSettings {
+    /// Where per-VM console and log files go (`log_dir`; relative paths resolve against
+    /// the settings file's directory; default chosen by the caller). It exists or its
+    /// parent directory does.
+    pub log_dir: PathBuf,
+    /// Address of the `/metrics` endpoint (`metrics_address`, default `127.0.0.1:9464`).
+    pub metrics_address: SocketAddr,
+    /// Time between SIGTERM and SIGKILL when stopping a VM (`stop_grace_s`, 1..=3600,
+    /// default 10 s).
+    pub stop_grace: Duration,
+    /// `memory_overcommit: true` disables the "total memory beyond the host's" check.
+    pub memory_overcommit: bool,
+    /// A child alive this long counts as running (`startup_settle_ms`, 0..=60000, default
+    /// 500 ms).
+    pub startup_settle: Duration,
+    /// Defaults for every VM (`defaults:`, any VM key but `name`), with invalid entries
+    /// left out and relative `kernel`, `initrd` and `console` paths made absolute against
+    /// the settings file's directory. `None` when the file has no `defaults:`.
+    pub defaults: Option<Mapping>,
+    /// The settings file these were read from (as given), `None` for built-in defaults.
+    pub source: Option<PathBuf>,
+}
+
+impl FleetSettings {
+    /// The settings used when there is no settings file; `default_log_dir` is the caller's
+    /// choice (e.g. `/var/log/vmm-fleet` when running as root).
+    pub fn defaults(default_log_dir: PathBuf) -> Self {
+        Self {
+            log_dir: default_log_dir,
+            metrics_address: DEFAULT_METRICS_ADDRESS,
+            stop_grace: Duration::from_secs(DEFAULT_STOP_GRACE_S),
+            memory_overcommit: false,
+            startup_settle: Duration::from_millis(DEFAULT_STARTUP_SETTLE_MS),
+            defaults: None,
+            source: None,
+        }
+    }
+
+    /// Load `path` if it exists (Ok(defaults) if it does not), reporting every problem.
+    ///
+    /// A path that exists but cannot be read (a directory, no permission) is a problem.
+    pub fn load(path: &Path, default_log_dir: PathBuf) -> Result<Self, ConfigError> {
+        let loaded = read_settings(path, false, default_log_dir);
+        if loaded.problems.is_empty() {
+            Ok(loaded.settings)
+        } else {
+            Err(ConfigError::from_problems(loaded.problems))
+        }
+    }
+
+    /// Parses and validates one VM file with these settings' `defaults` applied (see
+    /// [`validate::check_with`] for the merge rules).
+    pub fn load_vm(&self, path: &Path) -> Result<VmSpec, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.vm_from_yaml(&text, path)
+    }
+
+    /// Like [`FleetSettings::load_vm`] for YAML text read as if from `path`.
+    pub fn vm_from_yaml(&self, text: &str, path: &Path) -> Result<VmSpec, ConfigError> {
+        let defaults = self
+            .typed_defaults()
+            .map_err(|p| ConfigError::from_problems(vec![p]))?;
+        let checked = validate::check_with(text, path, defaults.as_ref());
+        match checked.spec {
+            Some(spec) if checked.problems.is_empty() => Ok(spec),
+            _ => Err(ConfigError::from_problems(checked.problems)),
+        }
+    }
+
+    fn typed_defaults(&self) -> Result<Option<Defaults>, Problem> {
+        self.defaults
+            .as_ref()
+            .map(|m| Defaults::from_mapping(m, self.source.as_deref()))
+            .transpose()
+    }
+}
+
+/// Everything `up`/`validate` need: settings (DIR/fleet.yaml or `settings_path`) + every VM, all problems from both reported together.
+///
+/// `settings_path`, when given, must exist (a missing explicit file is a problem) and
+/// replaces `DIR/fleet.yaml`, which is then ignored. VM files are those of
+/// [`config_files`](super::config_files); each gets the settings' `defaults`. Cross-file
+/// checks as in [`load_dir`](super::load_dir); the total-memory check runs only when
+/// `host_memory_mib` is `Some` and `memory_overcommit` is false.
+pub fn load_fleet(
+    dir: &Path,
+    settings_path: Option<&Path>,
+    default_log_dir: PathBuf,
+    host_memory_mib: Option<u64>,
+) -> Result<(FleetSettings, Vec<VmSpec>), ConfigError> {
+    let files = super::config_files(dir)?;
+    if files.is_empty() {
+        return Err(ConfigError::NoConfigs {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let loaded = match settings_path {
+        Some(p) => read_settings(p, true, default_log_dir),
+        None => read_settings(&dir.join(SETTINGS_FILE), false, default_log_dir),
+    };
+    let mut problems = loaded.problems;
+    let defaults = match loaded.settings.typed_defaults() {
+        Ok(d) => d,
+        Err(p) => {
+            problems.push(p);
+            None
+        }
+    };
+    let specs = super::load_vms(files, defaults.as_ref(), &mut problems);
+    if let Some(avail) = host_memory_mib
+        && !loaded.settings.memory_overcommit
+        && !loaded.overcommit_invalid
+    {
+        let hint = "; set `memory_overcommit: true` in the fleet settings to allow it";
+        super::check_total_memory(dir, &specs, avail, hint, &mut problems);
+    }
+    if problems.is_empty() {
+        Ok((loaded.settings, specs))
+    } else {
+        Err(ConfigError::from_problems(problems))
+    }
+}
+
+/// The settings file as written: each key is deserialized on its own, so all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    #[serde(default)]
+    log_dir: Option<String>,
+    #[serde(default)]
+    metrics_address: Option<String>,
+    #[serde(default)]
+    stop_grace_s: Option<i64>,
+    #[serde(default)]
+    memory_overcommit: Option<bool>,
+    #[serde(default)]
+    startup_settle_ms: Option<i64>,
+    #[serde(default)]
+    defaults: Option<Value>,
+}
+
+/// Outcome of reading a settings file.
+struct Loaded {
+    /// The settings; fields with problems keep their defaults.
+    settings: FleetSettings,
+    /// `memory_overcommit` was given but is invalid (so the memory check is skipped).
+    overcommit_invalid: bool,
+    problems: Vec<Problem>,
+}
+
+/// Reads and checks the settings file `path`; a missing file gives the defaults unless
+/// `must_exist`.
+fn read_settings(path: &Path, must_exist: bool, default_log_dir: PathBuf) -> Loaded {
+    let mut loaded = Loaded {
+        settings: FleetSettings::defaults(default_log_dir),
+        overcommit_invalid: false,
+        problems: Vec::new(),
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            loaded.settings.source = Some(path.to_path_buf());
+            parse_settings(&text, path, &mut loaded);
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => {}
+        Err(e) => {
+            let why = match e.kind() {
+                ErrorKind::NotFound => "no such file".to_string(),
+                ErrorKind::PermissionDenied => "permission denied".to_string(),
+                _ => e.to_string(),
+            };
+            loaded
+                .problems
+                .push(Problem::new(path, "", format!("cannot read: {why}")));
+        }
+    }
+    loaded
+}
+
+fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
+    let mut problems = Vec::new();
+    let mut problem = |key: &str, reason: String| {
+        let segments: Vec<&str> = key.split('.').collect();
+        problems.push(Problem::new(
+            file,
+            key,
+            validate::with_line(reason, text, &segments),
+        ));
+    };
+    let map = match serde_yaml::from_str::<Value>(text) {
+        Err(e) => {
+            loaded.problems.push(validate::parse_problem(&e, file));
+            return;
+        }
+        Ok(Value::Null) => return,
+        Ok(Value::Mapping(m)) => m,
+        Ok(other) => {
+            problem(
+                "",
+                format!(
+                    "expected a mapping of fleet settings, found {}",
+                    validate::describe(&other)
+                ),
+            );
+            loaded.problems.append(&mut problems);
+            return;
+        }
+    };
+
+    // Deserialize key by key so that every bad key is reported.
+    let mut raw = RawSettings::default();
+    for (k, v) in &map {
+        let Some(key) = k.as_str() else {
+            problem(
+                "",
+                format!("keys must be strings, found {}", validate::describe(k)),
+            );
+            continue;
+        };
+        let one = Value::Mapping(Mapping::from_iter([(k.clone(), v.clone())]));
+        match serde_yaml::from_value::<RawSettings>(one) {
+            Err(e) => {
+                if key == "memory_overcommit" {
+                    loaded.overcommit_invalid = true;
+                }
+                problem(key, validate::humanize(&e.to_string()));
+            }
+            Ok(r) => {
+                raw = RawSettings {
+                    log_dir: raw.log_dir.or(r.log_dir),
+                    metrics_address: raw.metrics_address.or(r.metrics_address),
+                    stop_grace_s: raw.stop_grace_s.or(r.stop_grace_s),
+                    memory_overcommit: raw.memory_overcommit.or(r.memory_overcommit),
+                    startup_settle_ms: raw.startup_settle_ms.or(r.startup_settle_ms),
+                    defaults: raw.defaults.or(r.defaults),
+                }
+            }
+        }
+    }
+
+    let s = &mut loaded.settings;
+    let base = validate::base_dir(file);
+    if let Some(dir) = raw.log_dir {
+        if dir.is_empty() {
+            problem("log_dir", "must not be empty".to_string());
+        } else {
+            let path = base.join(&dir);
+            match creatable_dir(&path) {
+                Ok(()) => s.log_dir = path,
+                Err(why) => problem("log_dir", format!("{}: {why}", path.display())),
+            }
+        }
+    }
+    if let Some(addr) = raw.metrics_address {
+        match addr.parse::<SocketAddr>() {
+            Ok(a) => s.metrics_address = a,
+            Err(_) => problem(
+                "metrics_address",
+                format!(
+                    "`{addr}` is not an IP address and port like 127.0.0.1:9464 \
+                     (quote IPv6 ones: \"[::1]:9464\")"
+                ),
+            ),
+        }
+    }
+    let mut range = |key: &str, v: i64, r: &std::ops::RangeInclusive<u64>| -> Option<u64> {
+        match u64::try_from(v) {
+            Ok(v) if r.contains(&v) => Some(v),
+            _ => {
+                problem(
+                    key,
+                    format!("{v} is out of range, must be {}..={}", r.start(), r.end()),
+                );
+                None
+            }
+        }
+    };
+    if let Some(v) = raw
+        .stop_grace_s
+        .and_then(|v| range("stop_grace_s", v, &STOP_GRACE_S_RANGE))
+    {
+        s.stop_grace = Duration::from_secs(v);
+    }
+    if let Some(v) = raw
+        .startup_settle_ms
+        .and_then(|v| range("startup_settle_ms", v, &STARTUP_SETTLE_MS_RANGE))
+    {
+        s.startup_settle = Duration::from_millis(v);
+    }
+    if let Some(b) = raw.memory_overcommit {
+        s.memory_overcommit = b;
+    }
+    match raw.defaults {
+        None | Some(Value::Null) => {}
+        Some(Value::Mapping(m)) => {
+            let (kept, mut bad) = validate::check_defaults(&m, file, text);
+            problems.append(&mut bad);
+            s.defaults = Some(kept);
+        }
+        Some(other) => problem(
+            "defaults",
+            format!(
+                "expected a mapping of VM settings, found {}",
+                validate::describe(&other)
+            ),
+        ),
+    }
+    // Report in the file's order of keys.
+    let position = |p: &Problem| {
+        let top = p.key.split('.').next().unwrap_or("");
+        map.keys().position(|k| k.as_str() == Some(top))
+    };
+    problems.sort_by_key(position);
+    loaded.problems.append(&mut problems);
+}
+
+/// Can `dir` be used as a log directory: it is one, or its parent is one?
+fn creatable_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err("exists and is not a directory".to_string()),
+        Err(e) if e.kind() == ErrorKind::NotFound => match dir.parent() {
+            Some(parent) if parent.is_dir() => Ok(()),
+            Some(parent) => Err(format!(
+                "does not exist, and neither does its parent directory {}",
+                parent.display()
+            )),
+            None => Err("does not exist".to_string()),
+        },
+        Err(e) => Err(e.to_string()),
+    }
+}
