@@ -8,4 +8,5 @@
 pub mod config;
 pub mod metrics;
 pub mod protocol;
+pub mod supervisor;
 pub mod vm;

@@ -1,16 +1,19 @@
 //! The `vmm-fleet` command line: maps subcommands to the library and errors to exit codes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode as ProcessExit;
 use std::sync::Arc;
+use std::sync::mpsc;
 
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vmm_fleet::config::VmSpec;
+use vmm_fleet::config::{FleetSettings, VmSpec};
 use vmm_fleet::protocol::ExitCode;
-use vmm_fleet::vm::{StopCause, StopLatch, run_vm};
+use vmm_fleet::supervisor::spawn::ProcessSpawner;
+use vmm_fleet::supervisor::{EventLog, FleetSource, Supervisor};
+use vmm_fleet::vm::{StopCause, StopLatch, host_memory_mib, run_vm};
 
 #[derive(Parser)]
 #[command(
@@ -25,29 +28,165 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run every VM in DIR (one *.yaml file each), restart them under their policies,
+    /// stop them all on SIGTERM/SIGINT, reload DIR on SIGHUP.
+    Up {
+        /// The directory of VM files.
+        dir: PathBuf,
+        /// Fleet settings file (default: DIR/fleet.yaml when it exists).
+        #[arg(long)]
+        settings: Option<PathBuf>,
+        /// Log directory when the settings name none.
+        #[arg(long)]
+        log_dir: Option<PathBuf>,
+    },
+    /// Check every file in DIR and list every problem; exit 0 if all are valid, 1 if not.
+    Validate {
+        /// The directory of VM files.
+        dir: PathBuf,
+        /// Fleet settings file (default: DIR/fleet.yaml when it exists).
+        #[arg(long)]
+        settings: Option<PathBuf>,
+    },
     /// Run one VM from its YAML file until the guest stops or SIGTERM/SIGINT arrives.
     RunVm {
         /// The VM's YAML file.
         file: PathBuf,
+        /// The VM's name (set by the supervisor so `ps` shows it).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Die with this supervisor (set by the supervisor).
+        #[arg(long)]
+        supervisor_pid: Option<u32>,
+        /// Fleet settings whose defaults apply to this VM.
+        #[arg(long)]
+        settings: Option<PathBuf>,
     },
 }
 
 fn main() -> ProcessExit {
     let cli = Cli::parse();
-    let code = match cli.command {
-        Command::RunVm { file } => cmd_run_vm(&file),
-    };
-    ProcessExit::from(code.code())
+    match cli.command {
+        Command::RunVm {
+            file,
+            vm,
+            supervisor_pid,
+            settings,
+        } => ProcessExit::from(
+            cmd_run_vm(&file, vm.as_deref(), supervisor_pid, settings.as_deref()).code(),
+        ),
+        Command::Validate { dir, settings } => cmd_validate(&dir, settings),
+        Command::Up {
+            dir,
+            settings,
+            log_dir,
+        } => cmd_up(&dir, settings, log_dir),
+    }
 }
 
-fn cmd_run_vm(file: &std::path::Path) -> ExitCode {
-    let spec = match VmSpec::load(file) {
-        Ok(s) => s,
+/// Logs go to $LOGS_DIRECTORY under systemd, else next to the VM directory.
+fn default_log_dir(dir: &Path, flag: Option<PathBuf>) -> PathBuf {
+    if let Some(d) = flag {
+        return d;
+    }
+    if let Some(d) = std::env::var_os("LOGS_DIRECTORY") {
+        return PathBuf::from(d);
+    }
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    abs.parent()
+        .unwrap_or(Path::new("/"))
+        .join("vmm-fleet-logs")
+}
+
+fn source(dir: &Path, settings: Option<PathBuf>, log_dir: Option<PathBuf>) -> FleetSource {
+    FleetSource {
+        dir: dir.to_path_buf(),
+        settings,
+        default_log_dir: default_log_dir(dir, log_dir),
+        host_memory_mib: host_memory_mib(),
+    }
+}
+
+fn cmd_validate(dir: &Path, settings: Option<PathBuf>) -> ProcessExit {
+    match source(dir, settings, None).load() {
+        Ok((_, specs)) => {
+            println!("{}: {} VM(s), all valid", dir.display(), specs.len());
+            ProcessExit::SUCCESS
+        }
         Err(e) => {
-            eprintln!("vmm-fleet: {e}");
-            return ExitCode::VmmError;
+            eprintln!("{e}");
+            ProcessExit::FAILURE
+        }
+    }
+}
+
+fn cmd_up(dir: &Path, settings: Option<PathBuf>, log_dir: Option<PathBuf>) -> ProcessExit {
+    let src = source(dir, settings, log_dir);
+    let (settings, specs) = match src.load() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("vmm-fleet: nothing started");
+            return ProcessExit::FAILURE;
         }
     };
+    let mut signals = match Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm-fleet: cannot catch signals: {e}");
+            return ProcessExit::FAILURE;
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(sig).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("vmm-fleet: cannot start the signal thread: {e}");
+        return ProcessExit::FAILURE;
+    }
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("vmm-fleet"));
+    let mut sup = Supervisor::new(
+        src,
+        settings,
+        specs,
+        ProcessSpawner::new(exe),
+        EventLog::default(),
+    );
+    ProcessExit::from(sup.run(&rx) as u8)
+}
+
+/// Tie this process to its supervisor: die with it, and name the process after the VM.
+fn attach_to_supervisor(vm: Option<&str>, supervisor_pid: Option<u32>) -> Result<(), String> {
+    if let Some(name) = vm {
+        let short: String = format!("vm:{name}").chars().take(15).collect();
+        if let Ok(c) = std::ffi::CString::new(short) {
+            let _ = nix::sys::prctl::set_name(&c);
+        }
+    }
+    if let Some(pid) = supervisor_pid {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+        // The supervisor may have died before the line above: then we are orphaned.
+        if nix::unistd::getppid().as_raw() as u32 != pid {
+            return Err(format!("supervisor {pid} is gone"));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_run_vm(
+    file: &Path,
+    vm: Option<&str>,
+    supervisor_pid: Option<u32>,
+    settings: Option<&Path>,
+) -> ExitCode {
     let latch = Arc::new(StopLatch::default());
     // Signals are caught before anything starts, so a SIGTERM during start-up still
     // stops the VM through the vCPU shutdown path.
@@ -66,5 +205,20 @@ fn cmd_run_vm(file: &std::path::Path) -> ExitCode {
                 l.set(StopCause::Signal(sig));
             }
         });
+    if let Err(e) = attach_to_supervisor(vm, supervisor_pid) {
+        eprintln!("vmm-fleet: {e}");
+        return ExitCode::VmmError;
+    }
+    let loaded = match settings {
+        None => VmSpec::load(file),
+        Some(s) => FleetSettings::load(s, PathBuf::from("/")).and_then(|fs| fs.load_vm(file)),
+    };
+    let spec = match loaded {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}");
+            return ExitCode::VmmError;
+        }
+    };
     run_vm(&spec, latch, &mut std::io::stderr())
 }

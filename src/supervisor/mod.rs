@@ -1,0 +1,465 @@
+//! The fleet supervisor: one child process per VM, reaped on SIGCHLD, restarted under
+//! each VM's policy, stopped cleanly on SIGTERM/SIGINT, reloaded on SIGHUP.
+//!
+//! The loop waits on one channel fed by a signal thread (signal-hook), with a timeout
+//! set to the next timer (a backoff, a settle time, a kill deadline): no polling.
+
+pub mod policy;
+pub mod spawn;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+
+use crate::config::{ConfigError, FleetSettings, VmSpec, load_fleet};
+use policy::{ChildExit, Decision, Restarter, VmState};
+use spawn::{SpawnRequest, Spawner};
+
+/// Where the supervisor finds its fleet.
+#[derive(Debug, Clone)]
+pub struct FleetSource {
+    /// The directory of VM files.
+    pub dir: PathBuf,
+    /// An explicit settings file (else `DIR/fleet.yaml` if it exists).
+    pub settings: Option<PathBuf>,
+    /// The log directory when the settings name none.
+    pub default_log_dir: PathBuf,
+    /// The host's memory in MiB, for the total-memory check.
+    pub host_memory_mib: Option<u64>,
+}
+
+impl FleetSource {
+    /// Load and validate settings and every VM file.
+    pub fn load(&self) -> Result<(FleetSettings, Vec<VmSpec>), ConfigError> {
+        load_fleet(
+            &self.dir,
+            self.settings.as_deref(),
+            self.default_log_dir.clone(),
+            self.host_memory_mib,
+        )
+    }
+}
+
+/// Writes one line per event: plain in a terminal, with a syslog priority prefix
+/// (which journald understands) otherwise.
+pub struct EventLog {
+    tty: bool,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        EventLog {
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+impl EventLog {
+    /// Log `msg` at syslog priority `prio` (3 error, 4 warning, 6 info).
+    pub fn line(&self, prio: u8, msg: &str) {
+        let mut err = std::io::stderr().lock();
+        let _ = if self.tty {
+            writeln!(err, "vmm-fleet: {msg}")
+        } else {
+            writeln!(err, "<{prio}>{msg}")
+        };
+    }
+
+    /// A VM's state change.
+    pub fn vm(&self, prio: u8, name: &str, msg: &str) {
+        self.line(prio, &format!("vm {name}: {msg}"));
+    }
+}
+
+/// One VM under supervision.
+struct Vm {
+    spec: VmSpec,
+    restarter: Restarter,
+    pid: Option<u32>,
+    start_at: Option<Instant>,
+    running_at: Option<Instant>,
+    kill_at: Option<Instant>,
+    /// Stop it and forget it (its file was removed).
+    removed: bool,
+    /// Its file changed: start this spec once the old child is gone.
+    replace_with: Option<VmSpec>,
+    last_exit: Option<ChildExit>,
+}
+
+impl Vm {
+    fn new(spec: VmSpec) -> Self {
+        Vm {
+            restarter: Restarter::new(spec.restart),
+            spec,
+            pid: None,
+            start_at: None,
+            running_at: None,
+            kill_at: None,
+            removed: false,
+            replace_with: None,
+            last_exit: None,
+        }
+    }
+}
+
+/// A snapshot of one VM, for status output and metrics.
+#[derive(Debug, Clone)]
+pub struct VmStatus {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: VmState,
+    /// Child pid, if running.
+    pub pid: Option<u32>,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// The last exit, if any.
+    pub last_exit: Option<ChildExit>,
+}
+
+/// The supervisor.
+pub struct Supervisor<S: Spawner> {
+    source: FleetSource,
+    settings: FleetSettings,
+    vms: BTreeMap<String, Vm>,
+    spawner: S,
+    log: EventLog,
+    stopping: bool,
+}
+
+fn fmt_delay(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+impl<S: Spawner> Supervisor<S> {
+    /// A supervisor for an already validated fleet.
+    pub fn new(
+        source: FleetSource,
+        settings: FleetSettings,
+        specs: Vec<VmSpec>,
+        spawner: S,
+        log: EventLog,
+    ) -> Self {
+        let vms = specs
+            .into_iter()
+            .map(|s| (s.name.clone(), Vm::new(s)))
+            .collect();
+        Supervisor {
+            source,
+            settings,
+            vms,
+            spawner,
+            log,
+            stopping: false,
+        }
+    }
+
+    /// Every VM's state.
+    pub fn status(&self) -> Vec<VmStatus> {
+        self.vms
+            .iter()
+            .map(|(name, vm)| VmStatus {
+                name: name.clone(),
+                state: vm.restarter.state(),
+                pid: vm.pid,
+                restarts: vm.restarter.restarts(),
+                last_exit: vm.last_exit,
+            })
+            .collect()
+    }
+
+    /// Start every VM, then serve signals until a SIGTERM/SIGINT stop completes.
+    /// Returns the process exit code.
+    pub fn run(&mut self, signals: &Receiver<i32>) -> i32 {
+        let now = Instant::now();
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            self.start(&name, now);
+        }
+        loop {
+            let timeout = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            match signals.recv_timeout(timeout) {
+                Ok(sig) => self.on_signal(sig),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.log.line(3, "signal thread gone; stopping the fleet");
+                    self.begin_stop();
+                }
+            }
+            self.reap();
+            self.on_timers(Instant::now());
+            if self.stopping && self.vms.values().all(|v| v.pid.is_none()) {
+                self.log.line(6, "every VM stopped; exiting");
+                return 0;
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.vms
+            .values()
+            .flat_map(|v| [v.start_at, v.running_at, v.kill_at])
+            .flatten()
+            .min()
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        match sig {
+            SIGCHLD => {} // reaped right after
+            SIGTERM | SIGINT if !self.stopping => {
+                self.log
+                    .line(6, &format!("signal {sig}: stopping every VM"));
+                self.begin_stop();
+            }
+            SIGHUP => self.reload(),
+            _ => {}
+        }
+    }
+
+    fn request_stop(&mut self, name: &str, now: Instant) {
+        let grace = self.settings.stop_grace;
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        vm.start_at = None;
+        vm.restarter.stop_requested();
+        if let Some(pid) = vm.pid {
+            vm.kill_at = Some(now + grace);
+            if let Err(e) = self.spawner.signal(pid, Signal::SIGTERM) {
+                self.log.vm(4, name, &format!("SIGTERM to pid {pid}: {e}"));
+            }
+            self.log.vm(6, name, "stopping");
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        self.stopping = true;
+        let now = Instant::now();
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            self.request_stop(&name, now);
+        }
+    }
+
+    fn start(&mut self, name: &str, now: Instant) {
+        if self.stopping {
+            return;
+        }
+        let settle = self.settings.startup_settle;
+        let settings_file = self.settings.source.clone();
+        let log_dir = self.settings.log_dir.clone();
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        vm.start_at = None;
+        let req = SpawnRequest {
+            spec: &vm.spec,
+            settings: settings_file.as_deref(),
+            log_dir: &log_dir,
+        };
+        match self.spawner.spawn(&req) {
+            Ok(pid) => {
+                vm.pid = Some(pid);
+                vm.restarter.started(now);
+                vm.running_at = Some(now + settle);
+                self.log.vm(6, name, &format!("starting (pid {pid})"));
+            }
+            Err(e) => {
+                self.log.vm(3, name, &format!("cannot start: {e}"));
+                vm.restarter.started(now);
+                self.after_exit(name, ChildExit::Code(5), now);
+            }
+        }
+    }
+
+    /// Reap every child that has exited.
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    self.log.line(3, &format!("waitpid: {e}"));
+                    return;
+                }
+                Ok(s) => s,
+            };
+            let (pid, how) = match status {
+                WaitStatus::Exited(pid, code) => (pid, ChildExit::Code(code)),
+                WaitStatus::Signaled(pid, sig, _) => (pid, ChildExit::Signal(sig as i32)),
+                _ => continue,
+            };
+            let pid = pid.as_raw() as u32;
+            let name = self
+                .vms
+                .iter()
+                .find(|(_, v)| v.pid == Some(pid))
+                .map(|(n, _)| n.clone());
+            if let Some(name) = name {
+                self.on_exit(&name, how, Instant::now());
+            }
+        }
+    }
+
+    fn on_exit(&mut self, name: &str, how: ChildExit, now: Instant) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        vm.pid = None;
+        vm.kill_at = None;
+        vm.running_at = None;
+        vm.last_exit = Some(how);
+        self.log.vm(
+            if how == ChildExit::Code(0) { 6 } else { 4 },
+            name,
+            &format!("exited: {}", how.describe()),
+        );
+        self.after_exit(name, how, now);
+    }
+
+    fn after_exit(&mut self, name: &str, how: ChildExit, now: Instant) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        if vm.removed {
+            self.vms.remove(name);
+            self.log.vm(6, name, "removed");
+            return;
+        }
+        if let Some(spec) = vm.replace_with.take() {
+            *vm = Vm::new(spec);
+            self.log
+                .vm(6, name, "configuration changed; starting again");
+            self.start(name, now);
+            return;
+        }
+        match vm.restarter.exited(how, now) {
+            Decision::RestartAfter(d) if d.is_zero() => {
+                self.log.vm(6, name, "restarting now");
+                self.start(name, now);
+            }
+            Decision::RestartAfter(d) => {
+                vm.start_at = Some(now + d);
+                self.log
+                    .vm(6, name, &format!("restarting in {}", fmt_delay(d)));
+            }
+            Decision::StayDown => self.log.vm(6, name, "stopped"),
+            Decision::Failed => {
+                let r = vm.spec.restart;
+                self.log.vm(
+                    3,
+                    name,
+                    &format!(
+                        "failed: {} starts within {} s (start limit); left down",
+                        r.start_limit_burst, r.start_limit_interval_s
+                    ),
+                );
+            }
+        }
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            let Some(vm) = self.vms.get_mut(&name) else {
+                continue;
+            };
+            if vm.start_at.is_some_and(|t| t <= now) && vm.pid.is_none() {
+                vm.start_at = None;
+                if vm.restarter.due() {
+                    self.start(&name, now);
+                }
+                continue;
+            }
+            if vm.running_at.is_some_and(|t| t <= now) {
+                vm.running_at = None;
+                if vm.pid.is_some() && vm.restarter.state() == VmState::Starting {
+                    vm.restarter.running();
+                    self.log.vm(6, &name, "running");
+                }
+            }
+            if let (Some(t), Some(pid)) = (vm.kill_at, vm.pid)
+                && t <= now
+            {
+                vm.kill_at = None;
+                let _ = self.spawner.signal(pid, Signal::SIGKILL);
+                self.log
+                    .vm(4, &name, "did not stop within the grace period: SIGKILL");
+            }
+        }
+    }
+
+    /// Re-read the directory: start added VMs, stop removed ones, restart changed ones,
+    /// leave the rest alone. A bad directory changes nothing.
+    pub fn reload(&mut self) {
+        let (settings, specs) = match self.source.load() {
+            Ok(x) => x,
+            Err(e) => {
+                self.log.line(3, "reload refused, nothing changed:");
+                for line in e.to_string().lines() {
+                    self.log.line(3, &format!("  {line}"));
+                }
+                return;
+            }
+        };
+        self.settings = settings;
+        let now = Instant::now();
+        let mut new: BTreeMap<String, VmSpec> =
+            specs.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let (mut added, mut removed, mut changed) = (0, 0, 0);
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            match new.remove(&name) {
+                None => {
+                    removed += 1;
+                    let running = self.vms.get(&name).is_some_and(|v| v.pid.is_some());
+                    if running {
+                        if let Some(vm) = self.vms.get_mut(&name) {
+                            vm.removed = true;
+                        }
+                        self.request_stop(&name, now);
+                    } else {
+                        self.vms.remove(&name);
+                        self.log.vm(6, &name, "removed");
+                    }
+                }
+                Some(spec) => {
+                    let Some(vm) = self.vms.get_mut(&name) else {
+                        continue;
+                    };
+                    if vm.spec == spec && vm.replace_with.is_none() {
+                        continue;
+                    }
+                    changed += 1;
+                    if vm.pid.is_some() {
+                        vm.replace_with = Some(spec);
+                        vm.removed = false;
+                        self.request_stop(&name, now);
+                    } else {
+                        *vm = Vm::new(spec);
+                        self.log.vm(6, &name, "configuration changed");
+                        self.start(&name, now);
+                    }
+                }
+            }
+        }
+        for (name, spec) in new {
+            added += 1;
+            self.vms.insert(name.clone(), Vm::new(spec));
+            self.start(&name, now);
+        }
+        self.log.line(
+            6,
+            &format!("reload: {added} added, {removed} removed, {changed} changed"),
+        );
+    }
+}

@@ -1,0 +1,410 @@
+//! `vmm-fleet up` and `validate` with built-in-guest fleets under real KVM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use common::*;
+
+/// A running supervisor and every line it logged, timestamped.
+struct Fleet {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Fleet {
+    fn up(dir: &Path) -> Fleet {
+        let mut child = Command::new(bin())
+            .arg("up")
+            .arg(dir)
+            .arg("--log-dir")
+            .arg(dir.join("logs"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn up");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Fleet { child, lines }
+    }
+
+    fn log(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// (time, pid) of every "starting (pid N)" line of `vm`.
+    fn starts(&self, vm: &str) -> Vec<(Instant, u32)> {
+        let prefix = format!("vm {vm}: starting (pid ");
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(t, l)| {
+                let rest = l.split_once(&prefix)?.1;
+                Some((*t, rest.trim_end_matches(')').parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, l)| l.contains(needle))
+            .count()
+    }
+
+    fn wait_for(&self, limit: Duration, mut f: impl FnMut(&Fleet) -> bool) -> bool {
+        wait_until(limit, || f(self))
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    fn pid_of(&self, vm: &str) -> u32 {
+        self.starts(vm).last().map(|s| s.1).expect("vm started")
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn vm_file(dir: &Path, name: &str, then: &str, restart: &str) {
+    std::fs::write(
+        dir.join(format!("{name}.yaml")),
+        format!(
+            "name: {name}\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nbuiltin:\n  then: {then}\n  heartbeat_ms: 100\nrestart:\n{restart}"
+        ),
+    )
+    .unwrap();
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; count only live processes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Processes whose command line mentions `dir` (every VM child names its file there).
+fn fleet_processes(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+const FAST: &str = "  backoff_initial_ms: 50\n  backoff_max_ms: 200\n  start_limit_burst: 100\n";
+
+#[test]
+fn four_idle_vms_come_up_and_sigterm_stops_everything() {
+    if !kvm_available("fleet::four_idle_vms") {
+        return;
+    }
+    let dir = scratch("fleet4");
+    for n in ["a", "b", "c", "d"] {
+        vm_file(&dir, n, "idle", FAST);
+    }
+    let mut fleet = Fleet::up(&dir);
+    for n in ["a", "b", "c", "d"] {
+        let console = dir.join("logs").join(format!("{n}.console"));
+        assert!(
+            wait_until(Duration::from_secs(20), || read(&console)
+                .contains("heartbeat 3")),
+            "{n}: no heartbeat; console:\n{}\nlog:\n{}",
+            read(&console),
+            fleet.log()
+        );
+        assert!(fleet.wait_for(
+            Duration::from_secs(5),
+            |f| f.count(&format!("vm {n}: running")) >= 1
+        ));
+    }
+    let pids: Vec<u32> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| fleet.pid_of(n))
+        .collect();
+    // ps shows which process is which VM.
+    for (n, pid) in ["a", "b", "c", "d"].iter().zip(&pids) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(
+            args.windows(2).any(|w| w[0] == "--vm" && w[1] == *n),
+            "{args:?}"
+        );
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(comm.trim(), format!("vm:{n}"));
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .collect();
+        assert!(threads.iter().any(|t| t.trim() == "vcpu_0"), "{threads:?}");
+    }
+    let t = Instant::now();
+    fleet.signal(Signal::SIGTERM);
+    let st = wait_with_limit(&mut fleet.child, Duration::from_secs(15));
+    assert_eq!(st.code(), Some(0), "log:\n{}", fleet.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "within the grace period"
+    );
+    assert!(pids.iter().all(|p| !alive(*p)));
+    assert!(
+        fleet_processes(&dir).is_empty(),
+        "{:?}",
+        fleet_processes(&dir)
+    );
+}
+
+#[test]
+fn sigkill_to_one_child_restarts_only_that_vm() {
+    if !kvm_available("fleet::sigkill_one_child") {
+        return;
+    }
+    let dir = scratch("fleetkill");
+    for n in ["a", "b", "c"] {
+        vm_file(&dir, n, "idle", FAST);
+    }
+    let fleet = Fleet::up(&dir);
+    assert!(fleet.wait_for(Duration::from_secs(20), |f| f.count(": running") == 3));
+    let (a, b, c) = (fleet.pid_of("a"), fleet.pid_of("b"), fleet.pid_of("c"));
+    kill(Pid::from_raw(b as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        fleet.wait_for(Duration::from_secs(10), |f| f.starts("b").len() == 2),
+        "{}",
+        fleet.log()
+    );
+    assert!(fleet.log().contains("vm b: exited: killed by signal 9"));
+    assert_ne!(fleet.pid_of("b"), b);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fleet.starts("a").len(), 1);
+    assert_eq!(fleet.starts("c").len(), 1);
+    assert!(alive(a) && alive(c) && alive(fleet.pid_of("b")));
+    fleet.signal(Signal::SIGTERM);
+}
+
+#[test]
+fn crash_loop_backs_off_then_fails_at_the_start_limit() {
+    if !kvm_available("fleet::crash_loop") {
+        return;
+    }
+    let dir = scratch("fleetcrash");
+    vm_file(
+        &dir,
+        "crashy",
+        "crash",
+        "  backoff_initial_ms: 200\n  backoff_multiplier: 2.0\n  backoff_max_ms: 5000\n  start_limit_burst: 4\n  start_limit_interval_s: 60\n",
+    );
+    let fleet = Fleet::up(&dir);
+    assert!(
+        fleet.wait_for(Duration::from_secs(30), |f| f.count("vm crashy: failed")
+            == 1),
+        "{}",
+        fleet.log()
+    );
+    let starts = fleet.starts("crashy");
+    assert_eq!(starts.len(), 4, "{}", fleet.log());
+    // Gaps between starts follow the backoff: 200, 400, 800 ms (plus the guest's run).
+    let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    for (gap, want) in gaps.iter().zip([200u64, 400, 800]) {
+        assert!(
+            *gap >= Duration::from_millis(want) && *gap < Duration::from_millis(want + 1500),
+            "gaps {gaps:?}"
+        );
+    }
+    // Failed means left down: no more starts, logged once.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.starts("crashy").len(), 4);
+    assert_eq!(fleet.count("vm crashy: failed"), 1);
+    assert!(
+        fleet_processes(&dir).len() == 1,
+        "only the supervisor is left"
+    );
+    fleet.signal(Signal::SIGTERM);
+}
+
+#[test]
+fn restart_policies_on_clean_poweroff_and_on_crash() {
+    if !kvm_available("fleet::restart_policies") {
+        return;
+    }
+    let dir = scratch("fleetpolicy");
+    for policy in ["always", "on-failure", "never"] {
+        for then in ["poweroff", "crash"] {
+            vm_file(
+                &dir,
+                &format!("{policy}-{then}"),
+                then,
+                &format!("  policy: {policy}\n{FAST}"),
+            );
+        }
+    }
+    let fleet = Fleet::up(&dir);
+    std::thread::sleep(Duration::from_secs(4));
+    let n = |vm: &str| fleet.starts(vm).len();
+    let log = fleet.log();
+    assert!(n("always-poweroff") >= 3, "{log}");
+    assert!(n("always-crash") >= 3, "{log}");
+    assert!(n("on-failure-crash") >= 3, "{log}");
+    assert_eq!(n("on-failure-poweroff"), 1, "{log}");
+    assert_eq!(n("never-poweroff"), 1, "{log}");
+    assert_eq!(n("never-crash"), 1, "{log}");
+    assert!(log.contains("vm on-failure-poweroff: stopped"));
+    assert!(log.contains("vm never-crash: stopped"));
+    fleet.signal(Signal::SIGTERM);
+}
+
+#[test]
+fn sigkill_to_the_supervisor_takes_every_vm_down() {
+    if !kvm_available("fleet::sigkill_supervisor") {
+        return;
+    }
+    let dir = scratch("fleetorphan");
+    for n in ["a", "b", "c"] {
+        vm_file(&dir, n, "idle", FAST);
+    }
+    let mut fleet = Fleet::up(&dir);
+    assert!(fleet.wait_for(Duration::from_secs(20), |f| f.count(": running") == 3));
+    let pids: Vec<u32> = ["a", "b", "c"].iter().map(|n| fleet.pid_of(n)).collect();
+    fleet.signal(Signal::SIGKILL);
+    let _ = fleet.child.wait();
+    assert!(
+        wait_until(Duration::from_secs(1), || pids.iter().all(|p| !alive(*p))),
+        "children outlived the supervisor: {:?}",
+        pids.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn sighup_applies_added_removed_and_edited_files_only() {
+    if !kvm_available("fleet::sighup") {
+        return;
+    }
+    let dir = scratch("fleethup");
+    for n in ["keep", "gone", "edit"] {
+        vm_file(&dir, n, "idle", FAST);
+    }
+    let fleet = Fleet::up(&dir);
+    assert!(fleet.wait_for(Duration::from_secs(20), |f| f.count(": running") == 3));
+    let (keep, gone, edit) = (
+        fleet.pid_of("keep"),
+        fleet.pid_of("gone"),
+        fleet.pid_of("edit"),
+    );
+
+    // A bad reload changes nothing.
+    std::fs::write(dir.join("broken.yaml"), "name: broken\nvcpus: 0\n").unwrap();
+    fleet.signal(Signal::SIGHUP);
+    assert!(fleet.wait_for(Duration::from_secs(5), |f| f.count("reload refused") == 1));
+    std::fs::remove_file(dir.join("broken.yaml")).unwrap();
+    assert!(alive(keep) && alive(gone) && alive(edit));
+
+    vm_file(&dir, "new", "idle", FAST);
+    std::fs::remove_file(dir.join("gone.yaml")).unwrap();
+    vm_file(&dir, "edit", "idle", "  backoff_initial_ms: 70\n");
+    fleet.signal(Signal::SIGHUP);
+    assert!(
+        fleet.wait_for(Duration::from_secs(10), |f| f.starts("new").len() == 1
+            && f.starts("edit").len() == 2
+            && f.count("vm gone: removed") == 1),
+        "{}",
+        fleet.log()
+    );
+    assert!(
+        fleet
+            .log()
+            .contains("reload: 1 added, 1 removed, 1 changed")
+    );
+    assert!(wait_until(Duration::from_secs(5), || !alive(gone) && !alive(edit)));
+    assert_eq!(fleet.starts("keep").len(), 1);
+    assert!(alive(keep), "untouched VM keeps its pid");
+    assert!(alive(fleet.pid_of("edit")) && alive(fleet.pid_of("new")));
+    fleet.signal(Signal::SIGTERM);
+}
+
+#[test]
+fn validate_lists_every_problem_in_every_file() {
+    let dir = scratch("validate");
+    std::fs::write(
+        dir.join("a.yaml"),
+        "name: a\nvcpus: 0\nmemory_mib: 1\nkernel: builtin\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("b.yaml"),
+        "name: a\nvcpus: 1\nmemory_mib: 32\nkernel: /no/such/kernel\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("c.yaml"),
+        "name: c\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nbogus: 1\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("validate")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for want in [
+        "a.yaml: vcpus: 0 is out of range",
+        "a.yaml: memory_mib: 1 is too small",
+        "b.yaml: kernel: /no/such/kernel: no such file",
+        "b.yaml: name: duplicate VM name `a`",
+        "c.yaml: bogus: unknown field `bogus`",
+    ] {
+        assert!(err.contains(want), "missing {want:?} in:\n{err}");
+    }
+    // `up` on the same directory starts nothing.
+    let out = Command::new(bin()).arg("up").arg(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing started"));
+
+    let good = scratch("validate-good");
+    vm_file(&good, "ok", "idle", FAST);
+    let out = Command::new(bin())
+        .arg("validate")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
