@@ -234,6 +234,7 @@ fn guest_touched_kib(vcpus: u8) -> Res<u64> {
         extra_regions: Vec::new(),
         mmio_devices: Vec::new(),
         counters: None,
+        started: None,
     };
     let mut vm = RunningVm::start(params, Arc::new(StopLatch::default()))
         .map_err(|e| format!("in-process VM: {e}"))?;

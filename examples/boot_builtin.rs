@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         extra_regions: Vec::new(),
         mmio_devices: Vec::new(),
         counters: None,
+        started: None,
     };
     let mut vm = RunningVm::start(params, Arc::new(StopLatch::default()))?;
     let cause = vm.wait();

@@ -10,9 +10,11 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use vmm_fleet::config::{FleetSettings, VmSpec};
+use vmm_fleet::metrics::counters::ExitCounters;
+use vmm_fleet::metrics::exporter::{Exporter, FleetMetrics};
 use vmm_fleet::protocol::ExitCode;
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
-use vmm_fleet::supervisor::{EventLog, FleetSource, Supervisor};
+use vmm_fleet::supervisor::{EventLog, FleetSource, STATE_NAMES, Supervisor};
 use vmm_fleet::vm::{StopCause, StopLatch, host_memory_mib, run_vm};
 
 #[derive(Parser)]
@@ -39,6 +41,9 @@ enum Command {
         /// Log directory when the settings name none.
         #[arg(long)]
         log_dir: Option<PathBuf>,
+        /// Where /metrics is served (overrides the settings; port 0 picks a free port).
+        #[arg(long)]
+        metrics_address: Option<std::net::SocketAddr>,
     },
     /// Check every file in DIR and list every problem; exit 0 if all are valid, 1 if not.
     Validate {
@@ -61,6 +66,9 @@ enum Command {
         /// Fleet settings whose defaults apply to this VM.
         #[arg(long)]
         settings: Option<PathBuf>,
+        /// The shared exit-counter table the supervisor made for this VM.
+        #[arg(long)]
+        counters: Option<PathBuf>,
     },
 }
 
@@ -72,15 +80,24 @@ fn main() -> ProcessExit {
             vm,
             supervisor_pid,
             settings,
+            counters,
         } => ProcessExit::from(
-            cmd_run_vm(&file, vm.as_deref(), supervisor_pid, settings.as_deref()).code(),
+            cmd_run_vm(
+                &file,
+                vm.as_deref(),
+                supervisor_pid,
+                settings.as_deref(),
+                counters.as_deref(),
+            )
+            .code(),
         ),
         Command::Validate { dir, settings } => cmd_validate(&dir, settings),
         Command::Up {
             dir,
             settings,
             log_dir,
-        } => cmd_up(&dir, settings, log_dir),
+            metrics_address,
+        } => cmd_up(&dir, settings, log_dir, metrics_address),
     }
 }
 
@@ -120,7 +137,12 @@ fn cmd_validate(dir: &Path, settings: Option<PathBuf>) -> ProcessExit {
     }
 }
 
-fn cmd_up(dir: &Path, settings: Option<PathBuf>, log_dir: Option<PathBuf>) -> ProcessExit {
+fn cmd_up(
+    dir: &Path,
+    settings: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
+    metrics_address: Option<std::net::SocketAddr>,
+) -> ProcessExit {
     let src = source(dir, settings, log_dir);
     let (settings, specs) = match src.load() {
         Ok(x) => x,
@@ -151,15 +173,23 @@ fn cmd_up(dir: &Path, settings: Option<PathBuf>, log_dir: Option<PathBuf>) -> Pr
         eprintln!("vmm-fleet: cannot start the signal thread: {e}");
         return ProcessExit::FAILURE;
     }
+    let fleet = FleetMetrics::new(&STATE_NAMES);
+    let addr = metrics_address.unwrap_or(settings.metrics_address);
+    let exporter = match Exporter::start(addr, fleet.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("vmm-fleet: metrics: {e}; nothing started");
+            return ProcessExit::FAILURE;
+        }
+    };
+    let log = EventLog::default();
+    log.line(6, &format!("metrics on http://{}/metrics", exporter.addr()));
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("vmm-fleet"));
-    let mut sup = Supervisor::new(
-        src,
-        settings,
-        specs,
-        ProcessSpawner::new(exe),
-        EventLog::default(),
-    );
-    ProcessExit::from(sup.run(&rx) as u8)
+    let mut sup =
+        Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log).with_metrics(fleet);
+    let code = sup.run(&rx);
+    drop(exporter);
+    ProcessExit::from(code as u8)
 }
 
 /// Tie this process to its supervisor: die with it, and name the process after the VM.
@@ -186,7 +216,9 @@ fn cmd_run_vm(
     vm: Option<&str>,
     supervisor_pid: Option<u32>,
     settings: Option<&Path>,
+    counters: Option<&Path>,
 ) -> ExitCode {
+    let started = std::time::Instant::now();
     let latch = Arc::new(StopLatch::default());
     // Signals are caught before anything starts, so a SIGTERM during start-up still
     // stops the VM through the vCPU shutdown path.
@@ -220,5 +252,12 @@ fn cmd_run_vm(
             return ExitCode::VmmError;
         }
     };
-    run_vm(&spec, latch, &mut std::io::stderr())
+    let table = match counters.map(ExitCounters::open_shared).transpose() {
+        Ok(t) => t.map(Arc::new),
+        Err(e) => {
+            eprintln!("vmm-fleet: counter table: {e}");
+            return ExitCode::VmmError;
+        }
+    };
+    run_vm(&spec, latch, table, started, &mut std::io::stderr())
 }

@@ -26,6 +26,8 @@ impl Fleet {
             .arg(dir)
             .arg("--log-dir")
             .arg(dir.join("logs"))
+            .arg("--metrics-address")
+            .arg("127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -55,6 +55,7 @@ fn params(vcpus: u8, cmdline: &str, console: &Console) -> VmParams {
         extra_regions: Vec::new(),
         mmio_devices: Vec::new(),
         counters: None,
+        started: None,
     }
 }
 

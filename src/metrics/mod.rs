@@ -1,3 +1,4 @@
 //! What the fleet counts and exports: per-vCPU exit counters.
 
 pub mod counters;
+pub mod exporter;

@@ -18,7 +18,13 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::SystemTime;
+
 use crate::config::{ConfigError, FleetSettings, VmSpec, load_fleet};
+use crate::metrics::counters::ExitCounters;
+use crate::metrics::exporter::{FleetMetrics, VmSnapshot};
 use policy::{ChildExit, Decision, Restarter, VmState};
 use spawn::{SpawnRequest, Spawner};
 
@@ -91,11 +97,23 @@ struct Vm {
     /// Its file changed: start this spec once the old child is gone.
     replace_with: Option<VmSpec>,
     last_exit: Option<ChildExit>,
+    /// Its exit counters, shared with each child; they outlive the children.
+    table: Option<(Arc<ExitCounters>, OwnedFd)>,
+    start_unix: Option<f64>,
 }
 
 impl Vm {
     fn new(spec: VmSpec) -> Self {
+        let table = ExitCounters::create_shared(&spec.name)
+            .map(|(t, fd)| (Arc::new(t), fd))
+            .ok();
+        Self::with_table(spec, table)
+    }
+
+    fn with_table(spec: VmSpec, table: Option<(Arc<ExitCounters>, OwnedFd)>) -> Self {
         Vm {
+            table,
+            start_unix: None,
             restarter: Restarter::new(spec.restart),
             spec,
             pid: None,
@@ -132,7 +150,19 @@ pub struct Supervisor<S: Spawner> {
     spawner: S,
     log: EventLog,
     stopping: bool,
+    metrics: Option<Arc<FleetMetrics>>,
+    last_status: String,
 }
+
+/// Every state name, for the exporter.
+pub const STATE_NAMES: [&str; 6] = [
+    VmState::ALL[0].as_str(),
+    VmState::ALL[1].as_str(),
+    VmState::ALL[2].as_str(),
+    VmState::ALL[3].as_str(),
+    VmState::ALL[4].as_str(),
+    VmState::ALL[5].as_str(),
+];
 
 fn fmt_delay(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
@@ -158,6 +188,57 @@ impl<S: Spawner> Supervisor<S> {
             spawner,
             log,
             stopping: false,
+            metrics: None,
+            last_status: String::new(),
+        }
+    }
+
+    /// Publish state to `metrics` after every change.
+    pub fn with_metrics(mut self, metrics: Arc<FleetMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn publish(&mut self) {
+        if let Some(m) = &self.metrics {
+            let snap = self
+                .vms
+                .iter()
+                .filter_map(|(name, vm)| {
+                    Some(VmSnapshot {
+                        name: name.clone(),
+                        up: vm.pid.is_some(),
+                        state: vm.restarter.state().as_str(),
+                        restarts: vm.restarter.restarts(),
+                        start_time: vm.start_unix,
+                        last_exit_code: vm.last_exit.map(|e| match e {
+                            ChildExit::Code(c) => i64::from(c),
+                            ChildExit::Signal(s) => 128 + i64::from(s),
+                        }),
+                        memory_bytes: vm.spec.memory_mib << 20,
+                        vcpus: u64::from(vm.spec.vcpus),
+                        counters: vm.table.as_ref()?.0.clone(),
+                    })
+                })
+                .collect();
+            m.update(snap);
+        }
+        // systemd's STATUS= line (a no-op without NOTIFY_SOCKET).
+        let count = |st: &[VmState]| {
+            self.vms
+                .values()
+                .filter(|v| st.contains(&v.restarter.state()))
+                .count()
+        };
+        let status = format!(
+            "{} running, {} restarting, {} failed",
+            count(&[VmState::Running, VmState::Starting]),
+            count(&[VmState::Backoff]),
+            count(&[VmState::Failed])
+        );
+        if status != self.last_status {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+            self.last_status = status;
         }
     }
 
@@ -183,6 +264,8 @@ impl<S: Spawner> Supervisor<S> {
         for name in names {
             self.start(&name, now);
         }
+        self.publish();
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         loop {
             let timeout = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
@@ -197,6 +280,7 @@ impl<S: Spawner> Supervisor<S> {
             }
             self.reap();
             self.on_timers(Instant::now());
+            self.publish();
             if self.stopping && self.vms.values().all(|v| v.pid.is_none()) {
                 self.log.line(6, "every VM stopped; exiting");
                 return 0;
@@ -265,10 +349,21 @@ impl<S: Spawner> Supervisor<S> {
             spec: &vm.spec,
             settings: settings_file.as_deref(),
             log_dir: &log_dir,
+            counters: vm.table.as_ref().map(|(_, fd)| {
+                PathBuf::from(format!(
+                    "/proc/{}/fd/{}",
+                    std::process::id(),
+                    fd.as_raw_fd()
+                ))
+            }),
         };
         match self.spawner.spawn(&req) {
             Ok(pid) => {
                 vm.pid = Some(pid);
+                vm.start_unix = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs_f64());
                 vm.restarter.started(now);
                 vm.running_at = Some(now + settle);
                 self.log.vm(6, name, &format!("starting (pid {pid})"));
@@ -318,8 +413,9 @@ impl<S: Spawner> Supervisor<S> {
         vm.kill_at = None;
         vm.running_at = None;
         vm.last_exit = Some(how);
+        let expected = matches!(how, ChildExit::Code(0) | ChildExit::Code(6));
         self.log.vm(
-            if how == ChildExit::Code(0) { 6 } else { 4 },
+            if expected { 6 } else { 4 },
             name,
             &format!("exited: {}", how.describe()),
         );
@@ -336,7 +432,7 @@ impl<S: Spawner> Supervisor<S> {
             return;
         }
         if let Some(spec) = vm.replace_with.take() {
-            *vm = Vm::new(spec);
+            *vm = Vm::with_table(spec, vm.table.take());
             self.log
                 .vm(6, name, "configuration changed; starting again");
             self.start(name, now);
@@ -445,7 +541,7 @@ impl<S: Spawner> Supervisor<S> {
                         vm.removed = false;
                         self.request_stop(&name, now);
                     } else {
-                        *vm = Vm::new(spec);
+                        *vm = Vm::with_table(spec, vm.table.take());
                         self.log.vm(6, &name, "configuration changed");
                         self.start(&name, now);
                     }

@@ -102,7 +102,7 @@ impl VmState {
     ];
 
     /// A short lower-case name, for logs and metrics labels.
-    pub fn as_str(&self) -> &'static str {
+    pub const fn as_str(&self) -> &'static str {
         match self {
             VmState::Starting => "starting",
             VmState::Running => "running",

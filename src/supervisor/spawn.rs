@@ -23,6 +23,8 @@ pub struct SpawnRequest<'a> {
     pub settings: Option<&'a Path>,
     /// Where the console and log files go.
     pub log_dir: &'a Path,
+    /// The VM's shared counter table, as a path the child can open.
+    pub counters: Option<PathBuf>,
 }
 
 /// Starts and signals VM children.
@@ -67,6 +69,9 @@ impl Spawner for ProcessSpawner {
             .arg(std::process::id().to_string());
         if let Some(s) = req.settings {
             cmd.arg("--settings").arg(s);
+        }
+        if let Some(c) = &req.counters {
+            cmd.arg("--counters").arg(c);
         }
         cmd.arg(&req.spec.source)
             .stdin(Stdio::null())

@@ -10,13 +10,16 @@ pub mod devices;
 pub mod kvm_vm;
 pub mod memory;
 pub mod mptable;
+pub mod stats;
 pub mod vcpu;
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 use vm_device::DeviceMmio;
@@ -29,7 +32,7 @@ use boot::{BootError, KernelImage};
 use devices::debug_port::{DEBUG_PORT, DebugPort};
 use devices::i8042::{I8042, I8042_DATA};
 use devices::power::{PowerDevice, SLEEP_CONTROL_PORT};
-use devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, SerialDevice};
+use devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, FirstByteWriter, SerialDevice};
 use devices::{Bus, BusError};
 pub use kvm_vm::{KvmVm, StopCause, StopLatch, VmConfig, VmError};
 use memory::{GuestMem, MemoryError, RegionSpec, ram_layout};
@@ -122,6 +125,8 @@ pub struct VmParams {
     pub mmio_devices: Vec<(u64, u64, Arc<dyn DeviceMmio + Send + Sync>)>,
     /// Exit counters, one row per vCPU; made here when None.
     pub counters: Option<Arc<ExitCounters>>,
+    /// When the VM's process started (boot times count from here); now when None.
+    pub started: Option<Instant>,
 }
 
 impl VmParams {
@@ -164,6 +169,7 @@ impl VmParams {
             extra_regions: Vec::new(),
             mmio_devices: Vec::new(),
             counters: None,
+            started: None,
         })
     }
 }
@@ -185,6 +191,38 @@ pub struct RunningVm {
     bus: Arc<Bus>,
     counters: Arc<ExitCounters>,
     debug_port: Arc<DebugPort>,
+    stats: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+/// How often the kernel's KVM statistics are copied into the counter table.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+fn start_stats_thread(
+    vm: &KvmVm,
+    counters: &Arc<ExitCounters>,
+) -> Option<(mpsc::Sender<()>, JoinHandle<()>)> {
+    let stats: Vec<stats::VcpuStats> = vm
+        .vcpus()
+        .iter()
+        .map(|v| stats::VcpuStats::open(v.fd()))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let publisher = stats::StatsPublisher::new(stats, counters.clone());
+    let (tx, rx) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("kvm_stats".into())
+        .spawn(move || {
+            loop {
+                publisher.publish();
+                match rx.recv_timeout(STATS_INTERVAL) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    _ => break,
+                }
+            }
+            publisher.publish();
+        })
+        .ok()?;
+    Some((tx, handle))
 }
 
 impl RunningVm {
@@ -222,18 +260,22 @@ impl RunningVm {
         };
         let boot = boot::load_guest(&mem, image, p.initrd.as_deref(), &p.cmdline)?;
 
+        let started = p.started.unwrap_or_else(Instant::now);
         let counters = p
             .counters
             .unwrap_or_else(|| Arc::new(ExitCounters::new(usize::from(p.vcpus))));
+        counters.set_vcpus(usize::from(p.vcpus));
+        counters.reset_boot();
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::EventFd)?;
         let serial_irq_kvm = serial_irq.try_clone().map_err(RunError::EventFd)?;
-        let debug_port = Arc::new(DebugPort::default());
+        let debug_port = Arc::new(DebugPort::with_table(counters.clone(), started));
+        let console = FirstByteWriter::new(p.console, counters.clone(), started);
         let mut bus = Bus::new();
         bus.add_pio(
             "serial",
             COM1_BASE,
             COM1_LEN,
-            SerialDevice::new(serial_irq, p.console).into_shared(),
+            SerialDevice::new(serial_irq, Box::new(console)).into_shared(),
         )?;
         let exit: Arc<dyn vcpu::ExitHandler> = latch.clone();
         // i8042 data port 0x60 through command port 0x64.
@@ -253,6 +295,7 @@ impl RunningVm {
         let config = VmConfig::new(&kvm, p.vcpus)?;
         let mut vm = KvmVm::new(&kvm, config, &mem, exit, bus.clone(), counters.clone())?;
         vm.register_irqfd(&serial_irq_kvm, COM1_IRQ)?;
+        let stats = start_stats_thread(&vm, &counters);
         if builtin {
             // The built-in guest: every vCPU enters at the ELF entry in long mode.
             vm.run(Some(boot.entry))?;
@@ -267,6 +310,7 @@ impl RunningVm {
             bus,
             counters,
             debug_port,
+            stats,
         })
     }
 
@@ -280,9 +324,14 @@ impl RunningVm {
         self.latch.wait_timeout(d)
     }
 
-    /// Stop every vCPU through the signal path.
+    /// Stop every vCPU through the signal path, then publish the KVM statistics once more.
     pub fn shutdown(&mut self) -> Result<(), VmError> {
-        self.vm.shutdown()
+        let r = self.vm.shutdown();
+        if let Some((tx, handle)) = self.stats.take() {
+            let _ = tx.send(());
+            let _ = handle.join();
+        }
+        r
     }
 
     /// The VM.
@@ -335,8 +384,18 @@ pub fn describe(cause: &StopCause) -> String {
 
 /// The `run-vm` process: run the VM `spec` describes until the guest stops it or
 /// SIGTERM/SIGINT arrives (recorded in `latch` by the caller's signal thread).
-pub fn run_vm(spec: &VmSpec, latch: Arc<StopLatch>, log: &mut dyn Write) -> ExitCode {
-    let started = RunningVm::start_spec(spec, latch);
+pub fn run_vm(
+    spec: &VmSpec,
+    latch: Arc<StopLatch>,
+    counters: Option<Arc<ExitCounters>>,
+    started: Instant,
+    log: &mut dyn Write,
+) -> ExitCode {
+    let started = VmParams::from_spec(spec).and_then(|mut p| {
+        p.counters = counters;
+        p.started = Some(started);
+        RunningVm::start(p, latch)
+    });
     let mut vm = match started {
         Ok(vm) => vm,
         Err(e) => {

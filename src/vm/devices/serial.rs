@@ -26,6 +26,44 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// A console writer that records when the guest's first byte arrives.
+pub struct FirstByteWriter<W: Write> {
+    inner: W,
+    table: std::sync::Arc<crate::metrics::counters::ExitCounters>,
+    start: std::time::Instant,
+    seen: bool,
+}
+
+impl<W: Write> FirstByteWriter<W> {
+    /// Wrap `inner`; the first write is recorded in `table` relative to `start`.
+    pub fn new(
+        inner: W,
+        table: std::sync::Arc<crate::metrics::counters::ExitCounters>,
+        start: std::time::Instant,
+    ) -> Self {
+        FirstByteWriter {
+            inner,
+            table,
+            start,
+            seen: false,
+        }
+    }
+}
+
+impl<W: Write> Write for FirstByteWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.seen && !buf.is_empty() {
+            self.seen = true;
+            self.table
+                .mark_first_console(self.start.elapsed().as_nanos() as u64);
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A serial port device for the bus.
 pub struct SerialDevice {
     inner: Serial<IrqTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,

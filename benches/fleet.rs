@@ -1,0 +1,921 @@
+//! # Fleet benchmark: `cargo bench --bench fleet`
+//!
+//! A `harness = false` bench that starts the release `vmm-fleet` binary
+//! (`env!("CARGO_BIN_EXE_vmm-fleet")`) as `vmm-fleet up DIR --log-dir DIR/logs` over a
+//! temporary directory of 50 VM files: built-in guest, `then: idle`, 1 vCPU, 32 MiB,
+//! `heartbeat_ms: 1000`, console to stdout (so to `DIR/logs/NAME.console`),
+//! `restart: {policy: always, backoff_initial_ms: 0}`. The supervisor runs in its own
+//! process group; its stderr (the event log) is read by a thread that timestamps every
+//! line. It needs a readable `/dev/kvm`, and prints a note and exits if there is none.
+//!
+//! Per run:
+//!
+//! 1. **start-up**: from just before `spawn()` of `up` until every VM's console file holds
+//!    a complete first line (`vcpu 0 up`); the 50 files are polled every 1 ms. Also
+//!    printed: the median VM, and when the last `starting (pid N)` log line arrived (the
+//!    supervisor's spawn loop).
+//! 2. **memory**, once every VM has logged `running`: the supervisor's `VmRSS`; the median
+//!    `VmRSS` over the 50 children; the median guest-memory `Rss:` (the 33554432-byte
+//!    mapping in `/proc/PID/smaps`, i.e. the pages the guest or the VMM's loader touched);
+//!    and the median of (child `VmRSS` − its guest `Rss`), the VMM's own part.
+//! 3. **idle CPU**: utime + stime (`/proc/PID/stat`, clock ticks) of the supervisor and
+//!    every child, over 10 s of idle fleet, as % of one core; split supervisor/children,
+//!    with the heartbeat lines the guests printed meanwhile (CPU per heartbeat) and the
+//!    supervisor's context switches (it should sleep in `recv_timeout`).
+//! 4. **restart latency**: 20 times, on 20 different VMs: note the console file's size,
+//!    SIGKILL the child, and time until a new `vcpu 0 up` line appears past that size
+//!    (polled every 0.2 ms); also from the kill to the supervisor's `starting (pid N)` log
+//!    line (its reaction, including the fork/exec). Median and p90 (nearest rank).
+//! 5. **stop**: SIGTERM to the supervisor, time until it has exited (polled every 0.2 ms);
+//!    then every child pid must be gone and no process may name DIR on its command line.
+//!
+//! Three runs when the first takes under a minute (else one); the summary prints the
+//! median over runs of each measure. Targets (printed for reference): start-up < 1 s,
+//! supervisor RSS < 10 MiB, idle CPU < 2% of a core, restart < 50 ms, stop < 500 ms.
+//!
+//! On nested, software-assisted KVM (see /work/shared/KVM-HERE.md) a halted vCPU costs
+//! nothing but every heartbeat interrupt and each of its serial port writes is emulated,
+//! so the idle CPU is mostly heartbeats; it scales with 1/heartbeat_ms.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, SysconfVar, sysconf};
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm-fleet");
+const VMS: usize = 50;
+const MEMORY_MIB: u64 = 32;
+const GUEST_BYTES: u64 = MEMORY_MIB << 20;
+const HEARTBEAT_MS: u32 = 1000;
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+const RESTARTS: usize = 20;
+const MAX_RUNS: usize = 3;
+
+const TARGET_STARTUP_MS: f64 = 1000.0;
+const TARGET_SUP_RSS_KIB: f64 = 10.0 * 1024.0;
+const TARGET_CPU_PCT: f64 = 2.0;
+const TARGET_RESTART_MS: f64 = 50.0;
+const TARGET_STOP_MS: f64 = 500.0;
+
+type Res<T> = Result<T, String>;
+
+/// Every measure of one run.
+#[derive(Debug, Clone, Default)]
+struct RunResult {
+    startup_all_ms: f64,
+    startup_median_ms: f64,
+    last_spawn_logged_ms: f64,
+    sup_rss_kib: f64,
+    child_rss_kib: f64,
+    guest_rss_kib: f64,
+    vmm_own_kib: f64,
+    child_threads: f64,
+    /// Children whose guest mapping was merged with a neighbour (see `guest_rss_kib`).
+    guest_merged: usize,
+    cpu_pct: f64,
+    cpu_sup_pct: f64,
+    cpu_children_pct: f64,
+    heartbeats_per_s: f64,
+    cpu_us_per_heartbeat: f64,
+    sup_ctxt_per_s: f64,
+    restart_median_ms: f64,
+    restart_p90_ms: f64,
+    restart_max_ms: f64,
+    respawn_median_ms: f64,
+    respawn_p90_ms: f64,
+    stop_ms: f64,
+    stop_exit_code: Option<i32>,
+    wall_s: f64,
+}
+
+fn main() {
+    let started = Instant::now();
+    if let Err(e) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        println!("fleet bench skipped: cannot open /dev/kvm: {e}");
+        return;
+    }
+    println!(
+        "fleet bench: {VMS} VMs (built-in guest, then: idle, 1 vCPU, {MEMORY_MIB} MiB, \
+         heartbeat_ms: {HEARTBEAT_MS}, restart: always, backoff 0 ms)\nbinary: {VMM}\n"
+    );
+    let mut runs: Vec<RunResult> = Vec::new();
+    while runs.len() < MAX_RUNS {
+        let n = runs.len() + 1;
+        println!("=== run {n} ===");
+        match one_run(n) {
+            Ok(r) => {
+                print_run(&r);
+                let first_wall = r.wall_s;
+                runs.push(r);
+                // Three runs only if they fit in about three minutes.
+                if n == 1 && first_wall * MAX_RUNS as f64 > 180.0 {
+                    println!("(run took {first_wall:.1} s: one run only)");
+                    break;
+                }
+            }
+            Err(e) => {
+                eprintln!("fleet bench failed in run {n}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    print_summary(&runs);
+    println!(
+        "\ntotal bench wall time: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `vmm-fleet up` in its own process group, with its event log.
+struct Fleet {
+    child: Child,
+    spawned_at: Instant,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    /// Every child pid ever seen (killed on drop if still alive).
+    seen_pids: Vec<u32>,
+    exited: bool,
+}
+
+impl Fleet {
+    fn up(dir: &Path) -> Res<Fleet> {
+        let mut cmd = Command::new(VMM);
+        cmd.arg("up")
+            .arg(dir)
+            .arg("--log-dir")
+            .arg(dir.join("logs"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let spawned_at = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| format!("spawn {VMM} up: {e}"))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        let err = child.stderr.take().ok_or("no stderr pipe")?;
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let now = Instant::now();
+                if let Ok(mut v) = l.lock() {
+                    v.push((now, line));
+                }
+            }
+        });
+        Ok(Fleet {
+            child,
+            spawned_at,
+            lines,
+            seen_pids: Vec::new(),
+            exited: false,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn snapshot(&self) -> Vec<(Instant, String)> {
+        self.lines.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let v = self.snapshot();
+        let skip = v.len().saturating_sub(n);
+        v[skip..]
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .map(|v| v.iter().filter(|(_, l)| l.contains(needle)).count())
+            .unwrap_or(0)
+    }
+
+    /// (time, pid) of every `vm NAME: starting (pid N)` line, in order.
+    fn starts(&self, name: &str) -> Vec<(Instant, u32)> {
+        let prefix = format!("vm {name}: starting (pid ");
+        self.lines
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|(t, l)| {
+                        let rest = l.split_once(&prefix)?.1;
+                        Some((*t, rest.trim_end_matches(')').parse().ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The current pid of every VM, from the log.
+    fn pids(&mut self, names: &[String]) -> Res<BTreeMap<String, u32>> {
+        let mut m = BTreeMap::new();
+        for n in names {
+            let pid = self
+                .starts(n)
+                .last()
+                .map(|s| s.1)
+                .ok_or_else(|| format!("vm {n}: no `starting (pid N)` line"))?;
+            if !self.seen_pids.contains(&pid) {
+                self.seen_pids.push(pid);
+            }
+            m.insert(n.clone(), pid);
+        }
+        Ok(m)
+    }
+
+    /// Some(exit code) once the supervisor has exited (None code: killed by a signal).
+    fn try_exit(&mut self) -> Res<Option<Option<i32>>> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => {
+                self.exited = true;
+                Ok(Some(st.code()))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!("try_wait on the supervisor: {e}")),
+        }
+    }
+
+    fn ensure_alive(&mut self) -> Res<()> {
+        match self.try_exit()? {
+            None => Ok(()),
+            Some(code) => Err(format!(
+                "the supervisor exited early (code {code:?}); log tail:\n{}",
+                self.log_tail(30)
+            )),
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if !self.exited {
+            let pgid = Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Children die with the supervisor (PR_SET_PDEATHSIG) and share its process
+        // group; this is a last resort for any that did not.
+        for pid in &self.seen_pids {
+            if alive(*pid) {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn vm_name(i: usize) -> String {
+    format!("vm{i:02}")
+}
+
+fn write_fleet(dir: &Path) -> Res<Vec<String>> {
+    let names: Vec<String> = (0..VMS).map(vm_name).collect();
+    for n in &names {
+        let text = format!(
+            "name: {n}\nvcpus: 1\nmemory_mib: {MEMORY_MIB}\nkernel: builtin\nconsole: stdout\n\
+             builtin:\n  then: idle\n  heartbeat_ms: {HEARTBEAT_MS}\n\
+             restart:\n  policy: always\n  backoff_initial_ms: 0\n  backoff_max_ms: 1000\n  \
+             start_limit_burst: 100\n"
+        );
+        let p = dir.join(format!("{n}.yaml"));
+        fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(names)
+}
+
+fn one_run(run: usize) -> Res<RunResult> {
+    let t_run = Instant::now();
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "vmm-fleet-bench-fleet-{}-{run}",
+        std::process::id()
+    )));
+    let _ = fs::remove_dir_all(&dir.0);
+    fs::create_dir_all(dir.0.join("logs")).map_err(|e| format!("{}: {e}", dir.0.display()))?;
+    let names = write_fleet(&dir.0)?;
+    let consoles: Vec<PathBuf> = names
+        .iter()
+        .map(|n| dir.0.join("logs").join(format!("{n}.console")))
+        .collect();
+    let mut r = RunResult::default();
+
+    // 1. Start-up.
+    let mut fleet = Fleet::up(&dir.0)?;
+    let t0 = fleet.spawned_at;
+    let mut first_line: Vec<Option<Duration>> = vec![None; VMS];
+    let limit = Duration::from_secs(30);
+    while first_line.iter().any(Option::is_none) {
+        for (i, c) in consoles.iter().enumerate() {
+            if first_line[i].is_none() && has_line(c) {
+                first_line[i] = Some(t0.elapsed());
+            }
+        }
+        if t0.elapsed() > limit {
+            let missing: Vec<&str> = names
+                .iter()
+                .zip(&first_line)
+                .filter(|(_, t)| t.is_none())
+                .map(|(n, _)| n.as_str())
+                .collect();
+            return Err(format!(
+                "after {limit:?}, no console line from {} VM(s): {missing:?}; log tail:\n{}",
+                missing.len(),
+                fleet.log_tail(30)
+            ));
+        }
+        fleet.ensure_alive()?;
+        thread::sleep(Duration::from_millis(1));
+    }
+    let mut firsts: Vec<f64> = first_line.iter().flatten().map(ms).collect();
+    r.startup_all_ms = max(&firsts);
+    r.startup_median_ms = median(&mut firsts);
+    r.last_spawn_logged_ms = names
+        .iter()
+        .filter_map(|n| fleet.starts(n).first().map(|s| ms(&(s.0 - t0))))
+        .fold(0.0, f64::max);
+
+    // 2. Memory, once every VM counts as running.
+    if !wait_until(Duration::from_secs(10), || fleet.count(": running") >= VMS) {
+        return Err(format!(
+            "only {} of {VMS} VMs logged `running`; log tail:\n{}",
+            fleet.count(": running"),
+            fleet.log_tail(30)
+        ));
+    }
+    fleet.ensure_alive()?;
+    let sup = fleet.pid();
+    let pids = fleet.pids(&names)?;
+    let mut kids = proc_children(sup);
+    kids.sort_unstable();
+    let mut logged: Vec<u32> = pids.values().copied().collect();
+    logged.sort_unstable();
+    if kids != logged {
+        return Err(format!(
+            "children of {sup} {kids:?} differ from the logged pids {logged:?}"
+        ));
+    }
+    r.sup_rss_kib = status_kib(sup, "VmRSS:")? as f64;
+    let (mut rss, mut guest, mut own, mut threads) = (vec![], vec![], vec![], vec![]);
+    let mut merged = 0;
+    for (n, &pid) in &pids {
+        let vm_rss = status_kib(pid, "VmRSS:")?;
+        let (g, m) = guest_rss_kib(pid).map_err(|e| format!("vm {n} (pid {pid}): {e}"))?;
+        merged += usize::from(m);
+        rss.push(vm_rss as f64);
+        guest.push(g as f64);
+        own.push(vm_rss.saturating_sub(g) as f64);
+        threads.push(status_kib(pid, "Threads:")? as f64);
+    }
+    r.child_rss_kib = median(&mut rss);
+    r.guest_rss_kib = median(&mut guest);
+    r.vmm_own_kib = median(&mut own);
+    r.child_threads = median(&mut threads);
+    r.guest_merged = merged;
+
+    // 3. Idle CPU.
+    let tck = sysconf(SysconfVar::CLK_TCK)
+        .map_err(|e| format!("sysconf(CLK_TCK): {e}"))?
+        .ok_or("CLK_TCK unknown")? as f64;
+    thread::sleep(Duration::from_millis(500));
+    let all: Vec<u32> = pids.values().copied().collect();
+    let hb0 = count_heartbeats(&consoles);
+    let sup0 = cpu_ticks(sup)?;
+    let kids0 = all.iter().map(|p| cpu_ticks(*p)).sum::<Res<u64>>()?;
+    let ctxt0 = ctxt_switches(sup)?;
+    let w0 = Instant::now();
+    thread::sleep(IDLE_WINDOW);
+    let sup1 = cpu_ticks(sup)?;
+    let kids1 = all.iter().map(|p| cpu_ticks(*p)).sum::<Res<u64>>()?;
+    let ctxt1 = ctxt_switches(sup)?;
+    let window = w0.elapsed().as_secs_f64();
+    let hb1 = count_heartbeats(&consoles);
+    fleet.ensure_alive()?;
+    let now_pids = fleet.pids(&names)?;
+    if now_pids != pids {
+        return Err("a VM restarted during the idle window".into());
+    }
+    let pct = |ticks: u64| ticks as f64 / tck / window * 100.0;
+    r.cpu_sup_pct = pct(sup1 - sup0);
+    r.cpu_children_pct = pct(kids1 - kids0);
+    r.cpu_pct = r.cpu_sup_pct + r.cpu_children_pct;
+    let hbs = hb1.saturating_sub(hb0) as f64;
+    r.heartbeats_per_s = hbs / window;
+    r.cpu_us_per_heartbeat = if hbs > 0.0 {
+        (kids1 - kids0) as f64 / tck * 1e6 / hbs
+    } else {
+        f64::NAN
+    };
+    r.sup_ctxt_per_s = (ctxt1 - ctxt0) as f64 / window;
+
+    // 4. Restart latency.
+    let (mut restart, mut respawn) = (vec![], vec![]);
+    for k in 0..RESTARTS {
+        let name = &names[(k * 2) % VMS];
+        let console = &consoles[(k * 2) % VMS];
+        let old_pid = pids_of(&mut fleet, name)?;
+        let starts_before = fleet.starts(name).len();
+        let size = fs::metadata(console)
+            .map_err(|e| format!("{}: {e}", console.display()))?
+            .len();
+        let t = Instant::now();
+        kill(Pid::from_raw(old_pid as i32), Signal::SIGKILL)
+            .map_err(|e| format!("SIGKILL to vm {name} (pid {old_pid}): {e}"))?;
+        let limit = Duration::from_secs(10);
+        loop {
+            if new_boot_line(console, size) {
+                restart.push(ms(&t.elapsed()));
+                break;
+            }
+            if t.elapsed() > limit {
+                return Err(format!(
+                    "vm {name}: no new `vcpu 0 up` line {limit:?} after SIGKILL; log tail:\n{}",
+                    fleet.log_tail(20)
+                ));
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+        // The supervisor's `starting` line may reach the pipe a little later.
+        if !wait_until(Duration::from_secs(5), || {
+            fleet.starts(name).len() > starts_before
+        }) {
+            return Err(format!(
+                "vm {name}: console shows a new boot but no new `starting` line; log tail:\n{}",
+                fleet.log_tail(20)
+            ));
+        }
+        let (ts, new_pid) = *fleet.starts(name).last().ok_or("no start")?;
+        if new_pid == old_pid {
+            return Err(format!("vm {name}: same pid {new_pid} after SIGKILL"));
+        }
+        respawn.push(ms(&ts.saturating_duration_since(t)));
+        fleet.pids(&names)?;
+        thread::sleep(Duration::from_millis(50));
+    }
+    fleet.ensure_alive()?;
+    let restart_sorted = sorted(&restart);
+    r.restart_median_ms = pctl(&restart_sorted, 50);
+    r.restart_p90_ms = pctl(&restart_sorted, 90);
+    r.restart_max_ms = max(&restart);
+    let respawn_sorted = sorted(&respawn);
+    r.respawn_median_ms = pctl(&respawn_sorted, 50);
+    r.respawn_p90_ms = pctl(&respawn_sorted, 90);
+
+    // 5. Stop: every VM up and running again first.
+    if !wait_until(Duration::from_secs(10), || {
+        fleet.count(": running") >= VMS + RESTARTS
+    }) {
+        return Err(format!(
+            "restarted VMs did not all reach `running`; log tail:\n{}",
+            fleet.log_tail(30)
+        ));
+    }
+    let final_pids: Vec<u32> = fleet.pids(&names)?.values().copied().collect();
+    let t = Instant::now();
+    kill(Pid::from_raw(sup as i32), Signal::SIGTERM).map_err(|e| format!("SIGTERM: {e}"))?;
+    let limit = Duration::from_secs(20);
+    let code = loop {
+        if let Some(code) = fleet.try_exit()? {
+            break code;
+        }
+        if t.elapsed() > limit {
+            return Err(format!(
+                "the supervisor did not exit {limit:?} after SIGTERM; log tail:\n{}",
+                fleet.log_tail(30)
+            ));
+        }
+        thread::sleep(Duration::from_micros(200));
+    };
+    r.stop_ms = ms(&t.elapsed());
+    r.stop_exit_code = code;
+    let left: Vec<u32> = final_pids.iter().copied().filter(|p| alive(*p)).collect();
+    if !left.is_empty() {
+        return Err(format!(
+            "children still alive after the supervisor exited: {left:?}"
+        ));
+    }
+    let stray = processes_naming(&dir.0);
+    if !stray.is_empty() {
+        return Err(format!("processes naming the fleet dir remain: {stray:?}"));
+    }
+    if code != Some(0) {
+        return Err(format!(
+            "supervisor exit code {code:?} after SIGTERM; log tail:\n{}",
+            fleet.log_tail(30)
+        ));
+    }
+    drop(fleet);
+    r.wall_s = t_run.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+fn pids_of(fleet: &mut Fleet, name: &str) -> Res<u32> {
+    let pid = fleet
+        .starts(name)
+        .last()
+        .map(|s| s.1)
+        .ok_or_else(|| format!("vm {name}: never started"))?;
+    if !alive(pid) {
+        return Err(format!("vm {name}: pid {pid} is not alive"));
+    }
+    if !fleet.seen_pids.contains(&pid) {
+        fleet.seen_pids.push(pid);
+    }
+    Ok(pid)
+}
+
+/// The file holds at least one complete line.
+fn has_line(p: &Path) -> bool {
+    match fs::metadata(p) {
+        Ok(m) if m.len() > 0 => fs::read(p).is_ok_and(|b| b.contains(&b'\n')),
+        _ => false,
+    }
+}
+
+/// A `vcpu 0 up` line was appended past `offset`.
+fn new_boot_line(p: &Path, offset: u64) -> bool {
+    let Ok(mut f) = fs::File::open(p) else {
+        return false;
+    };
+    match f.metadata() {
+        Ok(m) if m.len() > offset => {}
+        _ => return false,
+    }
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(offset)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return false;
+    }
+    buf.windows(10).any(|w| w == b"vcpu 0 up\n")
+}
+
+fn count_heartbeats(consoles: &[PathBuf]) -> u64 {
+    consoles
+        .iter()
+        .map(|c| {
+            fs::read(c)
+                .map(|b| b.windows(10).filter(|w| w == b"heartbeat ").count() as u64)
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if t.elapsed() > limit {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A live (non-zombie) process.
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Live processes whose command line mentions `dir`.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return vec![];
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+/// Children of every thread of `pid`.
+fn proc_children(pid: u32) -> Vec<u32> {
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    rd.filter_map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The number after `key` in /proc/PID/status (kB for memory keys).
+fn status_kib(pid: u32, key: &str) -> Res<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/status: no {key}"))
+}
+
+fn ctxt_switches(pid: u32) -> Res<u64> {
+    Ok(status_kib(pid, "voluntary_ctxt_switches:")?
+        + status_kib(pid, "nonvoluntary_ctxt_switches:")?)
+}
+
+/// utime + stime of every thread of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Res<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    let rest = s
+        .rsplit_once(") ")
+        .map(|x| x.1)
+        .ok_or_else(|| format!("/proc/{pid}/stat: bad format"))?;
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Res<u64> {
+        f.get(i - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("/proc/{pid}/stat: no field {i}"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+/// `Rss:` (KiB) of the guest memory mapping in /proc/PID/smaps: the anonymous mapping of
+/// exactly the guest's size; `merged` is true when there is none and the smallest
+/// anonymous `rw-p` mapping larger than that is taken instead (the kernel merged the
+/// guest memory with an adjacent anonymous mapping, e.g. a thread stack), which
+/// over-counts the guest by that neighbour's resident pages.
+fn guest_rss_kib(pid: u32) -> Res<(u64, bool)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
+    // (size in bytes, anonymous rw-p, Rss in KiB)
+    let mut maps: Vec<(u64, bool, u64)> = Vec::new();
+    for line in s.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            let perms = words.next().unwrap_or("");
+            let inode = words.nth(2).unwrap_or("");
+            let anon = perms == "rw-p" && inode == "0" && words.next().is_none();
+            maps.push((b - a, anon, 0));
+            continue;
+        }
+        if let (Some(v), Some(last)) = (line.strip_prefix("Rss:"), maps.last_mut()) {
+            last.2 = v
+                .split_whitespace()
+                .next()
+                .and_then(|x| x.parse().ok())
+                .ok_or("bad Rss: line")?;
+        }
+    }
+    let exact: Vec<u64> = maps
+        .iter()
+        .filter(|m| m.0 == GUEST_BYTES)
+        .map(|m| m.2)
+        .collect();
+    match exact.as_slice() {
+        [one] => return Ok((*one, false)),
+        [] => {}
+        many => return Err(format!("{} mappings of {GUEST_BYTES} bytes", many.len())),
+    }
+    maps.iter()
+        .filter(|m| m.1 && m.0 > GUEST_BYTES)
+        .min_by_key(|m| m.0)
+        .map(|m| (m.2, true))
+        .ok_or_else(|| format!("no anonymous mapping of {GUEST_BYTES} bytes or more in smaps"))
+}
+
+fn ms(d: &Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s
+}
+
+/// Nearest-rank percentile of a sorted, non-empty slice.
+fn pctl(sorted: &[f64], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NAN, f64::max)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "MISSED" }
+}
+
+fn print_run(r: &RunResult) {
+    println!(
+        "1. start-up: all {VMS} first console lines {:.1} ms (median VM {:.1} ms; last \
+         `starting` logged at {:.1} ms)",
+        r.startup_all_ms, r.startup_median_ms, r.last_spawn_logged_ms
+    );
+    println!(
+        "2. memory: supervisor VmRSS {:.0} KiB; per child VmRSS {:.0} KiB = guest {:.0} KiB \
+         + VMM own {:.0} KiB ({} threads){}",
+        r.sup_rss_kib,
+        r.child_rss_kib,
+        r.guest_rss_kib,
+        r.vmm_own_kib,
+        r.child_threads,
+        if r.guest_merged > 0 {
+            format!(
+                "; {} child(ren) had the guest mapping merged with a neighbour",
+                r.guest_merged
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "3. idle CPU: {:.2}% of a core (supervisor {:.2}%, children {:.2}%); {:.1} \
+         heartbeats/s, {:.0} µs CPU per heartbeat; supervisor {:.1} context switches/s",
+        r.cpu_pct,
+        r.cpu_sup_pct,
+        r.cpu_children_pct,
+        r.heartbeats_per_s,
+        r.cpu_us_per_heartbeat,
+        r.sup_ctxt_per_s
+    );
+    println!(
+        "4. restart: SIGKILL -> new first console line median {:.1} ms, p90 {:.1} ms, max \
+         {:.1} ms; SIGKILL -> `starting` logged median {:.1} ms, p90 {:.1} ms",
+        r.restart_median_ms,
+        r.restart_p90_ms,
+        r.restart_max_ms,
+        r.respawn_median_ms,
+        r.respawn_p90_ms
+    );
+    println!(
+        "5. stop: SIGTERM -> supervisor exit {:.1} ms (exit code {:?}), no child left",
+        r.stop_ms, r.stop_exit_code
+    );
+    println!("   (run wall time {:.1} s)\n", r.wall_s);
+}
+
+fn print_summary(runs: &[RunResult]) {
+    let med = |f: fn(&RunResult) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        median(&mut v)
+    };
+    println!("=== summary: median over {} run(s) ===", runs.len());
+    println!(
+        "{:<48} {:>12} {:>14} {:>7}",
+        "measure", "value", "target", ""
+    );
+    let row = |name: &str, v: f64, unit: &str, target: Option<(f64, &str)>| match target {
+        Some((t, tu)) => println!(
+            "{name:<48} {:>12} {:>14} {:>7}",
+            format!("{v:.1} {unit}"),
+            format!("< {t} {tu}"),
+            verdict(v < t)
+        ),
+        None => println!("{name:<48} {:>12}", format!("{v:.1} {unit}")),
+    };
+    let startup = med(|r| r.startup_all_ms);
+    row(
+        "1. start-up, all first console lines",
+        startup,
+        "ms",
+        Some((TARGET_STARTUP_MS, "ms")),
+    );
+    row(
+        "   start-up, median VM",
+        med(|r| r.startup_median_ms),
+        "ms",
+        None,
+    );
+    row(
+        "   last `starting` line logged",
+        med(|r| r.last_spawn_logged_ms),
+        "ms",
+        None,
+    );
+    let sup_rss = med(|r| r.sup_rss_kib);
+    row(
+        "2. supervisor VmRSS",
+        sup_rss / 1024.0,
+        "MiB",
+        Some((TARGET_SUP_RSS_KIB / 1024.0, "MiB")),
+    );
+    row(
+        "   per child VmRSS (median)",
+        med(|r| r.child_rss_kib),
+        "KiB",
+        None,
+    );
+    row(
+        "   per child guest memory Rss (median)",
+        med(|r| r.guest_rss_kib),
+        "KiB",
+        None,
+    );
+    row(
+        "   per child VMM own (VmRSS - guest, median)",
+        med(|r| r.vmm_own_kib),
+        "KiB",
+        None,
+    );
+    row(
+        &format!("3. idle CPU, heartbeat_ms {HEARTBEAT_MS}, % of one core"),
+        med(|r| r.cpu_pct),
+        "%",
+        Some((TARGET_CPU_PCT, "%")),
+    );
+    row("   of which supervisor", med(|r| r.cpu_sup_pct), "%", None);
+    row(
+        "   of which children",
+        med(|r| r.cpu_children_pct),
+        "%",
+        None,
+    );
+    row(
+        "   CPU per guest heartbeat",
+        med(|r| r.cpu_us_per_heartbeat),
+        "µs",
+        None,
+    );
+    row(
+        "   supervisor context switches",
+        med(|r| r.sup_ctxt_per_s),
+        "/s",
+        None,
+    );
+    row(
+        "4. restart: SIGKILL -> new console line, median",
+        med(|r| r.restart_median_ms),
+        "ms",
+        Some((TARGET_RESTART_MS, "ms")),
+    );
+    row(
+        "   restart p90",
+        med(|r| r.restart_p90_ms),
+        "ms",
+        Some((TARGET_RESTART_MS, "ms")),
+    );
+    row(
+        "   SIGKILL -> `starting` logged, median",
+        med(|r| r.respawn_median_ms),
+        "ms",
+        None,
+    );
+    row(
+        "5. stop: SIGTERM -> supervisor exit",
+        med(|r| r.stop_ms),
+        "ms",
+        Some((TARGET_STOP_MS, "ms")),
+    );
+    println!(
+        "\nNote: nested, software-assisted KVM here (/work/shared/KVM-HERE.md): halted vCPUs \
+         cost nothing, but each heartbeat interrupt and its serial output are emulated, so \
+         the idle CPU above is measured with heartbeat_ms: {HEARTBEAT_MS} and scales with \
+         the heartbeat rate."
+    );
+}

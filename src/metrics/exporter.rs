@@ -1,0 +1,428 @@
+//! The Prometheus exporter: a `Collector` that reads the fleet's state and every VM's
+//! counter table at scrape time, served at `/metrics` by a small HTTP server (tiny_http).
+//!
+//! The supervisor hands the collector a fresh [`VmSnapshot`] list whenever something
+//! changes; counters are read from the shared tables only when Prometheus scrapes.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use super::counters::{ExitCounters, ExitReason, KVM_STATS};
+
+/// What the exporter knows of one VM.
+#[derive(Debug, Clone)]
+pub struct VmSnapshot {
+    /// VM name.
+    pub name: String,
+    /// Whether its child process runs.
+    pub up: bool,
+    /// Its lifecycle state (one of the exporter's state names).
+    pub state: &'static str,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// Unix time its current (or last) child started.
+    pub start_time: Option<f64>,
+    /// The last child's exit code (128+N for death by signal N).
+    pub last_exit_code: Option<i64>,
+    /// Configured memory.
+    pub memory_bytes: u64,
+    /// Configured vCPUs.
+    pub vcpus: u64,
+    /// Its counter table.
+    pub counters: Arc<ExitCounters>,
+}
+
+/// The fleet as last published by the supervisor.
+pub struct FleetMetrics {
+    vms: Mutex<Vec<VmSnapshot>>,
+    states: &'static [&'static str],
+}
+
+impl FleetMetrics {
+    /// An empty fleet whose VMs can be in any of `states`.
+    pub fn new(states: &'static [&'static str]) -> Arc<Self> {
+        Arc::new(FleetMetrics {
+            vms: Mutex::new(Vec::new()),
+            states,
+        })
+    }
+
+    /// Replace the snapshot.
+    pub fn update(&self, vms: Vec<VmSnapshot>) {
+        *self.vms.lock().unwrap_or_else(|p| p.into_inner()) = vms;
+    }
+
+    fn snapshot(&self) -> Vec<VmSnapshot> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Metric families, built fresh at each scrape from the snapshot and the tables.
+struct Families {
+    exits: IntCounterVec,
+    kvm: Vec<IntCounterVec>,
+    halt_wait: prometheus::CounterVec,
+    up: IntGaugeVec,
+    restarts: IntCounterVec,
+    state: IntGaugeVec,
+    start_time: GaugeVec,
+    last_exit: IntGaugeVec,
+    memory: IntGaugeVec,
+    vcpus: IntGaugeVec,
+    boot: GaugeVec,
+}
+
+fn kvm_family_name(stat: &str) -> String {
+    format!("vmm_fleet_kvm_vcpu_{stat}_total")
+}
+
+impl Families {
+    fn new() -> Result<Self, prometheus::Error> {
+        let vv = &["vm", "vcpu"];
+        let kvm = KVM_STATS
+            .iter()
+            .filter(|s| **s != "halt_wait_ns")
+            .map(|s| {
+                IntCounterVec::new(
+                    Opts::new(
+                        kvm_family_name(s),
+                        format!("KVM's own per-vCPU statistic `{s}` (binary stats fd), cumulative over the VM's runs."),
+                    ),
+                    vv,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Families {
+            exits: IntCounterVec::new(
+                Opts::new(
+                    "vmm_fleet_vcpu_exits_total",
+                    "vCPU exits that reached the VMM, by reason; monotonic across restarts of the VM.",
+                ),
+                &["vm", "vcpu", "reason"],
+            )?,
+            kvm,
+            halt_wait: prometheus::CounterVec::new(
+                Opts::new(
+                    "vmm_fleet_kvm_vcpu_halt_wait_seconds_total",
+                    "Time vCPUs spent halted inside KVM (KVM statistic halt_wait_ns).",
+                ),
+                vv,
+            )?,
+            up: IntGaugeVec::new(
+                Opts::new("vmm_fleet_vm_up", "1 when the VM's process runs."),
+                &["vm"],
+            )?,
+            restarts: IntCounterVec::new(
+                Opts::new(
+                    "vmm_fleet_vm_restarts_total",
+                    "Times the supervisor restarted the VM.",
+                ),
+                &["vm"],
+            )?,
+            state: IntGaugeVec::new(
+                Opts::new(
+                    "vmm_fleet_vm_state",
+                    "1 for the VM's current lifecycle state.",
+                ),
+                &["vm", "state"],
+            )?,
+            start_time: GaugeVec::new(
+                Opts::new(
+                    "vmm_fleet_vm_start_time_seconds",
+                    "Unix time the VM's current or last process started.",
+                ),
+                &["vm"],
+            )?,
+            last_exit: IntGaugeVec::new(
+                Opts::new(
+                    "vmm_fleet_vm_last_exit_code",
+                    "Exit code of the VM's last process (128+N: killed by signal N).",
+                ),
+                &["vm"],
+            )?,
+            memory: IntGaugeVec::new(
+                Opts::new("vmm_fleet_vm_memory_bytes", "Configured guest memory."),
+                &["vm"],
+            )?,
+            vcpus: IntGaugeVec::new(
+                Opts::new("vmm_fleet_vm_vcpus", "Configured vCPUs."),
+                &["vm"],
+            )?,
+            boot: GaugeVec::new(
+                Opts::new(
+                    "vmm_fleet_vm_boot_seconds",
+                    "From the VM process's start to the guest's first console byte, and to its userspace-up signal (0x41 on port 0x80).",
+                ),
+                &["vm", "stage"],
+            )?,
+        })
+    }
+
+    fn collectors(&self) -> Vec<&dyn Collector> {
+        let mut v: Vec<&dyn Collector> = vec![
+            &self.exits,
+            &self.halt_wait,
+            &self.up,
+            &self.restarts,
+            &self.state,
+            &self.start_time,
+            &self.last_exit,
+            &self.memory,
+            &self.vcpus,
+            &self.boot,
+        ];
+        v.extend(self.kvm.iter().map(|c| c as &dyn Collector));
+        v
+    }
+}
+
+/// The collector registered with the exporter's registry.
+pub struct FleetCollector {
+    fleet: Arc<FleetMetrics>,
+    descs: Vec<Desc>,
+}
+
+impl FleetCollector {
+    /// A collector over `fleet`.
+    pub fn new(fleet: Arc<FleetMetrics>) -> Result<Self, prometheus::Error> {
+        let f = Families::new()?;
+        let descs = f
+            .collectors()
+            .iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        Ok(FleetCollector { fleet, descs })
+    }
+
+    fn build(&self) -> Result<Vec<MetricFamily>, prometheus::Error> {
+        let f = Families::new()?;
+        for vm in self.fleet.snapshot() {
+            let n = vm.name.as_str();
+            let t = &vm.counters;
+            for vcpu in 0..t.vcpus() {
+                let vs = vcpu.to_string();
+                for r in ExitReason::ALL {
+                    f.exits
+                        .with_label_values(&[n, &vs, r.name()])
+                        .inc_by(t.get(vcpu, r));
+                }
+                let mut k = f.kvm.iter();
+                for (s, name) in KVM_STATS.iter().enumerate() {
+                    let v = t.kvm_stat(vcpu, s);
+                    if *name == "halt_wait_ns" {
+                        f.halt_wait
+                            .with_label_values(&[n, &vs])
+                            .inc_by(v as f64 / 1e9);
+                    } else if let Some(c) = k.next() {
+                        c.with_label_values(&[n, &vs]).inc_by(v);
+                    }
+                }
+            }
+            f.up.with_label_values(&[n]).set(i64::from(vm.up));
+            f.restarts.with_label_values(&[n]).inc_by(vm.restarts);
+            for s in self.fleet.states {
+                f.state
+                    .with_label_values(&[n, s])
+                    .set(i64::from(*s == vm.state));
+            }
+            if let Some(st) = vm.start_time {
+                f.start_time.with_label_values(&[n]).set(st);
+            }
+            if let Some(c) = vm.last_exit_code {
+                f.last_exit.with_label_values(&[n]).set(c);
+            }
+            f.memory.with_label_values(&[n]).set(vm.memory_bytes as i64);
+            f.vcpus.with_label_values(&[n]).set(vm.vcpus as i64);
+            let (console, up) = t.boot_ns();
+            if console > 0 {
+                f.boot
+                    .with_label_values(&[n, "first_console_byte"])
+                    .set(console as f64 / 1e9);
+            }
+            if up > 0 {
+                f.boot
+                    .with_label_values(&[n, "userspace_up"])
+                    .set(up as f64 / 1e9);
+            }
+        }
+        Ok(f.collectors().iter().flat_map(|c| c.collect()).collect())
+    }
+}
+
+impl Collector for FleetCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.build().unwrap_or_default()
+    }
+}
+
+/// Errors starting the exporter.
+#[derive(Debug, thiserror::Error)]
+pub enum ExporterError {
+    /// The registry refused a collector.
+    #[error("metrics registry: {0}")]
+    Registry(#[from] prometheus::Error),
+    /// The address cannot be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The running HTTP endpoint.
+pub struct Exporter {
+    server: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// Threads answering scrapes; a slow client holds one, not all.
+pub const WORKERS: usize = 4;
+
+/// Render the registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+    buf
+}
+
+impl Exporter {
+    /// Serve `/metrics` for `fleet` (plus this process's `process_*` metrics) on `addr`.
+    pub fn start(addr: SocketAddr, fleet: Arc<FleetMetrics>) -> Result<Self, ExporterError> {
+        let registry = Registry::new();
+        registry.register(Box::new(FleetCollector::new(fleet)?))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let server = tiny_http::Server::http(addr).map_err(|e| ExporterError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let bound = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| ExporterError::Bind {
+                addr,
+                reason: "not an IP listener".into(),
+            })?;
+        let server = Arc::new(server);
+        let registry = Arc::new(registry);
+        let workers = (0..WORKERS)
+            .filter_map(|i| {
+                let server = server.clone();
+                let registry = registry.clone();
+                std::thread::Builder::new()
+                    .name(format!("metrics_{i}"))
+                    .spawn(move || serve(&server, &registry))
+                    .ok()
+            })
+            .collect();
+        Ok(Exporter {
+            server,
+            addr: bound,
+            workers,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        for _ in &self.workers {
+            self.server.unblock();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn serve(server: &tiny_http::Server, registry: &Registry) {
+    while let Ok(req) = server.recv() {
+        let path = req.url().split('?').next().unwrap_or("");
+        let resp = match (req.method(), path) {
+            (tiny_http::Method::Get, "/metrics") => {
+                let ct = tiny_http::Header::from_bytes(
+                    &b"Content-Type"[..],
+                    &b"text/plain; version=0.0.4; charset=utf-8"[..],
+                );
+                let r = tiny_http::Response::from_data(render(registry));
+                match ct {
+                    Ok(h) => r.with_header(h),
+                    Err(()) => r,
+                }
+            }
+            (tiny_http::Method::Get, _) => {
+                tiny_http::Response::from_string("not found\n").with_status_code(404)
+            }
+            _ => tiny_http::Response::from_string("method not allowed\n").with_status_code(405),
+        };
+        // A client that went away is its own problem.
+        let _ = req.respond(resp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_follow_the_naming_rules_and_read_the_tables() {
+        let fleet = FleetMetrics::new(&["running", "failed"]);
+        let t = Arc::new(ExitCounters::new(2));
+        for _ in 0..7 {
+            t.add(1, ExitReason::IoOut);
+        }
+        t.set_kvm_stat(0, 6, 2_500_000_000);
+        t.mark_first_console(1_000_000);
+        fleet.update(vec![VmSnapshot {
+            name: "web".into(),
+            up: true,
+            state: "running",
+            restarts: 2,
+            start_time: Some(1.7e9),
+            last_exit_code: Some(137),
+            memory_bytes: 32 << 20,
+            vcpus: 2,
+            counters: t,
+        }]);
+        let registry = Registry::new();
+        registry
+            .register(Box::new(FleetCollector::new(fleet).unwrap()))
+            .unwrap();
+        let text = String::from_utf8(render(&registry)).unwrap();
+        for want in [
+            "vmm_fleet_vcpu_exits_total{reason=\"io_out\",vcpu=\"1\",vm=\"web\"} 7",
+            "vmm_fleet_vcpu_exits_total{reason=\"io_out\",vcpu=\"0\",vm=\"web\"} 0",
+            "vmm_fleet_kvm_vcpu_halt_wait_seconds_total{vcpu=\"0\",vm=\"web\"} 2.5",
+            "vmm_fleet_kvm_vcpu_exits_total{vcpu=\"1\",vm=\"web\"} 0",
+            "vmm_fleet_vm_up{vm=\"web\"} 1",
+            "vmm_fleet_vm_restarts_total{vm=\"web\"} 2",
+            "vmm_fleet_vm_state{state=\"running\",vm=\"web\"} 1",
+            "vmm_fleet_vm_state{state=\"failed\",vm=\"web\"} 0",
+            "vmm_fleet_vm_last_exit_code{vm=\"web\"} 137",
+            "vmm_fleet_vm_memory_bytes{vm=\"web\"} 33554432",
+            "vmm_fleet_vm_vcpus{vm=\"web\"} 2",
+            "vmm_fleet_vm_boot_seconds{stage=\"first_console_byte\",vm=\"web\"} 0.001",
+            "# TYPE vmm_fleet_vcpu_exits_total counter",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        assert!(!text.contains("stage=\"userspace_up\""));
+    }
+}
