@@ -4,9 +4,11 @@
 //! (`env!("CARGO_BIN_EXE_vmm-fleet")`) as `vmm-fleet up DIR --log-dir DIR/logs` over a
 //! temporary directory of 50 VM files: built-in guest, `then: idle`, 1 vCPU, 32 MiB,
 //! `heartbeat_ms: 1000`, console to stdout (so to `DIR/logs/NAME.console`),
-//! `restart: {policy: always, backoff_initial_ms: 0}`. The supervisor runs in its own
-//! process group; its stderr (the event log) is read by a thread that timestamps every
-//! line. It needs a readable `/dev/kvm`, and prints a note and exits if there is none.
+//! `restart: {policy: always, backoff_initial_ms: 0}`, and a `DIR/fleet.yaml` with
+//! `metrics_address: "127.0.0.1:0"` (a free port, so the bench does not collide with
+//! anything on the default 9464). The supervisor runs in its own process group (killed
+//! as a group if the bench fails); its stderr (the event log) is read by a thread that
+//! timestamps every line. It needs a readable `/dev/kvm`, and prints a note and exits if there is none.
 //!
 //! Per run:
 //!
@@ -17,15 +19,25 @@
 //! 2. **memory**, once every VM has logged `running`: the supervisor's `VmRSS`; the median
 //!    `VmRSS` over the 50 children; the median guest-memory `Rss:` (the 33554432-byte
 //!    mapping in `/proc/PID/smaps`, i.e. the pages the guest or the VMM's loader touched);
-//!    and the median of (child `VmRSS` − its guest `Rss`), the VMM's own part.
+//!    and the median of (child `VmRSS` − its guest `Rss`), the VMM's own part. Most of a
+//!    child's `VmRSS` is the binary's file pages, shared by all children, so the medians
+//!    of `RssAnon` − guest (private memory) and `Pss` (from `smaps_rollup`) are printed
+//!    too. When the kernel has merged the guest mapping with an adjacent anonymous one,
+//!    the smallest larger anonymous `rw-p` mapping is used and the run says how often.
 //! 3. **idle CPU**: utime + stime (`/proc/PID/stat`, clock ticks) of the supervisor and
 //!    every child, over 10 s of idle fleet, as % of one core; split supervisor/children,
 //!    with the heartbeat lines the guests printed meanwhile (CPU per heartbeat) and the
-//!    supervisor's context switches (it should sleep in `recv_timeout`).
+//!    supervisor's context switches (it should sleep in `recv_timeout`). Also: the same
+//!    total from the scheduler's ns run times (`/proc/PID/task/*/schedstat`; utime/stime
+//!    are sampled at the tick and noisy at this load), and the whole host's busy share
+//!    from `/proc/stat` minus the fleet's, to show other load on the machine.
 //! 4. **restart latency**: 20 times, on 20 different VMs: note the console file's size,
 //!    SIGKILL the child, and time until a new `vcpu 0 up` line appears past that size
 //!    (polled every 0.2 ms); also from the kill to the supervisor's `starting (pid N)` log
-//!    line (its reaction, including the fork/exec). Median and p90 (nearest rank).
+//!    line (its reaction, including the fork/exec). Median and p90 (nearest rank). Phases
+//!    (medians): the old child's leader thread a zombie; all its other threads gone (its
+//!    exit, KVM VM and memory teardown included, is then complete and SIGCHLD sent); the
+//!    supervisor's `exited` line; its `starting` line.
 //! 5. **stop**: SIGTERM to the supervisor, time until it has exited (polled every 0.2 ms);
 //!    then every child pid must be gone and no process may name DIR on its command line.
 //!
@@ -72,15 +84,31 @@ type Res<T> = Result<T, String>;
 struct RunResult {
     startup_all_ms: f64,
     startup_median_ms: f64,
+    first_spawn_logged_ms: f64,
     last_spawn_logged_ms: f64,
     sup_rss_kib: f64,
     child_rss_kib: f64,
     guest_rss_kib: f64,
     vmm_own_kib: f64,
+    /// Anonymous (private) part of a child's RSS, and that minus the guest's pages.
+    child_anon_kib: f64,
+    vmm_own_anon_kib: f64,
+    /// A child's proportional set size: shared pages (the binary) split over their users.
+    child_pss_kib: f64,
+    sup_threads: f64,
     child_threads: f64,
     /// Children whose guest mapping was merged with a neighbour (see `guest_rss_kib`).
     guest_merged: usize,
     cpu_pct: f64,
+    /// The same from the scheduler's nanosecond run times (/proc/PID/task/*/schedstat).
+    cpu_sched_pct: f64,
+    cpu_sched_sup_pct: f64,
+    /// Whole-host CPU busy during the idle window (/proc/stat), % of all cores, and the
+    /// part of it not used by the fleet: other load on the machine.
+    host_busy_pct: f64,
+    host_other_pct: f64,
+    /// Host busy % (all cores) during the restart section.
+    host_busy_restart_pct: f64,
     cpu_sup_pct: f64,
     cpu_children_pct: f64,
     heartbeats_per_s: f64,
@@ -91,6 +119,13 @@ struct RunResult {
     restart_max_ms: f64,
     respawn_median_ms: f64,
     respawn_p90_ms: f64,
+    /// SIGKILL -> the old child is a zombie or gone (its exit, KVM VM teardown included).
+    dead_median_ms: f64,
+    /// SIGKILL -> every thread but the (zombie) leader is gone: the exit is complete, KVM
+    /// VM and guest memory torn down, and SIGCHLD sent.
+    threads_gone_median_ms: f64,
+    /// SIGKILL -> the supervisor's `exited` line.
+    reaped_median_ms: f64,
     stop_ms: f64,
     stop_exit_code: Option<i32>,
     wall_s: f64,
@@ -215,6 +250,19 @@ impl Fleet {
             .unwrap_or(0)
     }
 
+    /// Arrival times of the lines containing `needle`.
+    fn times(&self, needle: &str) -> Vec<Instant> {
+        self.lines
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|(_, l)| l.contains(needle))
+                    .map(|(t, _)| *t)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// (time, pid) of every `vm NAME: starting (pid N)` line, in order.
     fn starts(&self, name: &str) -> Vec<(Instant, u32)> {
         let prefix = format!("vm {name}: starting (pid ");
@@ -305,6 +353,10 @@ fn write_fleet(dir: &Path) -> Res<Vec<String>> {
         let p = dir.join(format!("{n}.yaml"));
         fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
     }
+    // A free port for /metrics, so that the bench runs beside anything on the default.
+    let p = dir.join("fleet.yaml");
+    fs::write(&p, "metrics_address: \"127.0.0.1:0\"\n")
+        .map_err(|e| format!("{}: {e}", p.display()))?;
     Ok(names)
 }
 
@@ -353,10 +405,12 @@ fn one_run(run: usize) -> Res<RunResult> {
     let mut firsts: Vec<f64> = first_line.iter().flatten().map(ms).collect();
     r.startup_all_ms = max(&firsts);
     r.startup_median_ms = median(&mut firsts);
-    r.last_spawn_logged_ms = names
+    let spawn_logged: Vec<f64> = names
         .iter()
         .filter_map(|n| fleet.starts(n).first().map(|s| ms(&(s.0 - t0))))
-        .fold(0.0, f64::max);
+        .collect();
+    r.first_spawn_logged_ms = spawn_logged.iter().copied().fold(f64::INFINITY, f64::min);
+    r.last_spawn_logged_ms = max(&spawn_logged);
 
     // 2. Memory, once every VM counts as running.
     if !wait_until(Duration::from_secs(10), || fleet.count(": running") >= VMS) {
@@ -379,7 +433,9 @@ fn one_run(run: usize) -> Res<RunResult> {
         ));
     }
     r.sup_rss_kib = status_kib(sup, "VmRSS:")? as f64;
+    r.sup_threads = status_kib(sup, "Threads:")? as f64;
     let (mut rss, mut guest, mut own, mut threads) = (vec![], vec![], vec![], vec![]);
+    let (mut anon, mut own_anon, mut pss) = (vec![], vec![], vec![]);
     let mut merged = 0;
     for (n, &pid) in &pids {
         let vm_rss = status_kib(pid, "VmRSS:")?;
@@ -388,11 +444,18 @@ fn one_run(run: usize) -> Res<RunResult> {
         rss.push(vm_rss as f64);
         guest.push(g as f64);
         own.push(vm_rss.saturating_sub(g) as f64);
+        let a = status_kib(pid, "RssAnon:")?;
+        anon.push(a as f64);
+        own_anon.push(a.saturating_sub(g) as f64);
+        pss.push(rollup_kib(pid, "Pss:")? as f64);
         threads.push(status_kib(pid, "Threads:")? as f64);
     }
     r.child_rss_kib = median(&mut rss);
     r.guest_rss_kib = median(&mut guest);
     r.vmm_own_kib = median(&mut own);
+    r.child_anon_kib = median(&mut anon);
+    r.vmm_own_anon_kib = median(&mut own_anon);
+    r.child_pss_kib = median(&mut pss);
     r.child_threads = median(&mut threads);
     r.guest_merged = merged;
 
@@ -406,11 +469,17 @@ fn one_run(run: usize) -> Res<RunResult> {
     let sup0 = cpu_ticks(sup)?;
     let kids0 = all.iter().map(|p| cpu_ticks(*p)).sum::<Res<u64>>()?;
     let ctxt0 = ctxt_switches(sup)?;
+    let sup_ns0 = cpu_ns(sup)?;
+    let kids_ns0 = all.iter().map(|p| cpu_ns(*p)).sum::<Res<u64>>()?;
+    let host0 = host_cpu()?;
     let w0 = Instant::now();
     thread::sleep(IDLE_WINDOW);
     let sup1 = cpu_ticks(sup)?;
     let kids1 = all.iter().map(|p| cpu_ticks(*p)).sum::<Res<u64>>()?;
     let ctxt1 = ctxt_switches(sup)?;
+    let sup_ns1 = cpu_ns(sup)?;
+    let kids_ns1 = all.iter().map(|p| cpu_ns(*p)).sum::<Res<u64>>()?;
+    let host1 = host_cpu()?;
     let window = w0.elapsed().as_secs_f64();
     let hb1 = count_heartbeats(&consoles);
     fleet.ensure_alive()?;
@@ -422,22 +491,34 @@ fn one_run(run: usize) -> Res<RunResult> {
     r.cpu_sup_pct = pct(sup1 - sup0);
     r.cpu_children_pct = pct(kids1 - kids0);
     r.cpu_pct = r.cpu_sup_pct + r.cpu_children_pct;
+    let kids_ns = kids_ns1.saturating_sub(kids_ns0) as f64;
+    let sup_ns = sup_ns1.saturating_sub(sup_ns0) as f64;
+    r.cpu_sched_pct = (kids_ns + sup_ns) / 1e9 / window * 100.0;
+    r.cpu_sched_sup_pct = sup_ns / 1e9 / window * 100.0;
+    r.host_busy_pct = busy_pct(host0, host1);
+    let cores = host_cores() as f64;
+    r.host_other_pct = (r.host_busy_pct - r.cpu_sched_pct / cores).max(0.0);
     let hbs = hb1.saturating_sub(hb0) as f64;
     r.heartbeats_per_s = hbs / window;
     r.cpu_us_per_heartbeat = if hbs > 0.0 {
-        (kids1 - kids0) as f64 / tck * 1e6 / hbs
+        kids_ns / 1e3 / hbs
     } else {
         f64::NAN
     };
     r.sup_ctxt_per_s = (ctxt1 - ctxt0) as f64 / window;
 
     // 4. Restart latency.
-    let (mut restart, mut respawn) = (vec![], vec![]);
+    let (mut restart, mut respawn, mut dead, mut reaped) = (vec![], vec![], vec![], vec![]);
+    let mut gone = vec![];
+    let host_r0 = host_cpu()?;
     for k in 0..RESTARTS {
         let name = &names[(k * 2) % VMS];
         let console = &consoles[(k * 2) % VMS];
         let old_pid = pids_of(&mut fleet, name)?;
         let starts_before = fleet.starts(name).len();
+        let exits_before = fleet.times(&format!("vm {name}: exited")).len();
+        let mut dead_at = None;
+        let mut gone_at = None;
         let size = fs::metadata(console)
             .map_err(|e| format!("{}: {e}", console.display()))?
             .len();
@@ -446,6 +527,12 @@ fn one_run(run: usize) -> Res<RunResult> {
             .map_err(|e| format!("SIGKILL to vm {name} (pid {old_pid}): {e}"))?;
         let limit = Duration::from_secs(10);
         loop {
+            if dead_at.is_none() && !alive(old_pid) {
+                dead_at = Some(t.elapsed());
+            }
+            if gone_at.is_none() && task_count(old_pid) <= 1 && !alive(old_pid) {
+                gone_at = Some(t.elapsed());
+            }
             if new_boot_line(console, size) {
                 restart.push(ms(&t.elapsed()));
                 break;
@@ -472,6 +559,15 @@ fn one_run(run: usize) -> Res<RunResult> {
             return Err(format!("vm {name}: same pid {new_pid} after SIGKILL"));
         }
         respawn.push(ms(&ts.saturating_duration_since(t)));
+        if let Some(d) = dead_at {
+            dead.push(ms(&d));
+        }
+        if let Some(d) = gone_at {
+            gone.push(ms(&d));
+        }
+        if let Some(te) = fleet.times(&format!("vm {name}: exited")).get(exits_before) {
+            reaped.push(ms(&te.saturating_duration_since(t)));
+        }
         fleet.pids(&names)?;
         thread::sleep(Duration::from_millis(50));
     }
@@ -483,6 +579,11 @@ fn one_run(run: usize) -> Res<RunResult> {
     let respawn_sorted = sorted(&respawn);
     r.respawn_median_ms = pctl(&respawn_sorted, 50);
     r.respawn_p90_ms = pctl(&respawn_sorted, 90);
+    r.dead_median_ms = median(&mut dead);
+    r.reaped_median_ms = median(&mut reaped);
+    r.threads_gone_median_ms = median(&mut gone);
+    let host_r1 = host_cpu()?;
+    r.host_busy_restart_pct = busy_pct(host_r0, host_r1);
 
     // 5. Stop: every VM up and running again first.
     if !wait_until(Duration::from_secs(10), || {
@@ -645,9 +746,86 @@ fn status_kib(pid: u32, key: &str) -> Res<u64> {
         .ok_or_else(|| format!("/proc/{pid}/status: no {key}"))
 }
 
+/// Context switches of every thread of `pid`.
 fn ctxt_switches(pid: u32) -> Res<u64> {
-    Ok(status_kib(pid, "voluntary_ctxt_switches:")?
-        + status_kib(pid, "nonvoluntary_ctxt_switches:")?)
+    let rd =
+        fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("/proc/{pid}/task: {e}"))?;
+    let mut total = 0;
+    for t in rd.flatten() {
+        let Ok(s) = fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        for l in s.lines() {
+            if let Some(v) = l
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// The number after `key` in /proc/PID/smaps_rollup (kB).
+fn rollup_kib(pid: u32, key: &str) -> Res<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map_err(|e| format!("/proc/{pid}/smaps_rollup: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("/proc/{pid}/smaps_rollup: no {key}"))
+}
+
+/// Entries in /proc/PID/task (0 once the process is reaped).
+fn task_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |rd| rd.count())
+}
+
+/// (busy, total) jiffies of the host from the `cpu` line of /proc/stat.
+fn host_cpu() -> Res<(u64, u64)> {
+    let s = fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let line = s.lines().next().ok_or("/proc/stat: empty")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest times are within user).
+    if v.len() < 8 {
+        return Err("/proc/stat: short cpu line".into());
+    }
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    Ok((busy, busy + v[3] + v[4]))
+}
+
+fn busy_pct(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let total = b.1.saturating_sub(a.1);
+    if total == 0 {
+        return f64::NAN;
+    }
+    b.0.saturating_sub(a.0) as f64 / total as f64 * 100.0
+}
+
+fn host_cores() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Time on CPU of every thread of `pid`, in ns (first field of each task's schedstat).
+fn cpu_ns(pid: u32) -> Res<u64> {
+    let rd =
+        fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("/proc/{pid}/task: {e}"))?;
+    let mut total = 0;
+    for t in rd.flatten() {
+        let p = t.path().join("schedstat");
+        let s = fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        total += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("{}: bad format", p.display()))?;
+    }
+    Ok(total)
 }
 
 /// utime + stime of every thread of `pid`, in clock ticks.
@@ -753,18 +931,23 @@ fn verdict(ok: bool) -> &'static str {
 
 fn print_run(r: &RunResult) {
     println!(
-        "1. start-up: all {VMS} first console lines {:.1} ms (median VM {:.1} ms; last \
-         `starting` logged at {:.1} ms)",
-        r.startup_all_ms, r.startup_median_ms, r.last_spawn_logged_ms
+        "1. start-up: all {VMS} first console lines {:.1} ms (median VM {:.1} ms; \
+         `starting` lines logged from {:.1} to {:.1} ms)",
+        r.startup_all_ms, r.startup_median_ms, r.first_spawn_logged_ms, r.last_spawn_logged_ms
     );
     println!(
-        "2. memory: supervisor VmRSS {:.0} KiB; per child VmRSS {:.0} KiB = guest {:.0} KiB \
-         + VMM own {:.0} KiB ({} threads){}",
+        "2. memory: supervisor VmRSS {:.0} KiB ({} threads); per child VmRSS {:.0} KiB = guest \
+         {:.0} KiB + VMM own {:.0} KiB ({} threads); child RssAnon {:.0} KiB (VMM own anon \
+         {:.0} KiB), Pss {:.0} KiB{}",
         r.sup_rss_kib,
+        r.sup_threads,
         r.child_rss_kib,
         r.guest_rss_kib,
         r.vmm_own_kib,
         r.child_threads,
+        r.child_anon_kib,
+        r.vmm_own_anon_kib,
+        r.child_pss_kib,
         if r.guest_merged > 0 {
             format!(
                 "; {} child(ren) had the guest mapping merged with a neighbour",
@@ -775,23 +958,36 @@ fn print_run(r: &RunResult) {
         }
     );
     println!(
-        "3. idle CPU: {:.2}% of a core (supervisor {:.2}%, children {:.2}%); {:.1} \
-         heartbeats/s, {:.0} µs CPU per heartbeat; supervisor {:.1} context switches/s",
+        "3. idle CPU: {:.2}% of a core (supervisor {:.2}%, children {:.2}%; schedstat total \
+         {:.2}%, supervisor {:.3}%); {:.1} heartbeats/s, {:.0} µs CPU per heartbeat \
+         (schedstat); supervisor {:.1} context \
+         switches/s; host busy {:.0}% of {} cores, {:.0}% not the fleet",
         r.cpu_pct,
         r.cpu_sup_pct,
         r.cpu_children_pct,
+        r.cpu_sched_pct,
+        r.cpu_sched_sup_pct,
         r.heartbeats_per_s,
         r.cpu_us_per_heartbeat,
-        r.sup_ctxt_per_s
+        r.sup_ctxt_per_s,
+        r.host_busy_pct,
+        host_cores(),
+        r.host_other_pct
     );
     println!(
         "4. restart: SIGKILL -> new first console line median {:.1} ms, p90 {:.1} ms, max \
-         {:.1} ms; SIGKILL -> `starting` logged median {:.1} ms, p90 {:.1} ms",
+         {:.1} ms; phases (medians from SIGKILL): old leader thread dead {:.1} ms, all \
+         threads gone {:.1} ms, `exited` logged {:.1} ms, `starting` logged {:.1} ms (p90 \
+         {:.1} ms); host busy {:.0}%",
         r.restart_median_ms,
         r.restart_p90_ms,
         r.restart_max_ms,
+        r.dead_median_ms,
+        r.threads_gone_median_ms,
+        r.reaped_median_ms,
         r.respawn_median_ms,
-        r.respawn_p90_ms
+        r.respawn_p90_ms,
+        r.host_busy_restart_pct
     );
     println!(
         "5. stop: SIGTERM -> supervisor exit {:.1} ms (exit code {:?}), no child left",
@@ -801,6 +997,7 @@ fn print_run(r: &RunResult) {
 }
 
 fn print_summary(runs: &[RunResult]) {
+    let tck = sysconf(SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
     let med = |f: fn(&RunResult) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         median(&mut v)
@@ -829,6 +1026,12 @@ fn print_summary(runs: &[RunResult]) {
     row(
         "   start-up, median VM",
         med(|r| r.startup_median_ms),
+        "ms",
+        None,
+    );
+    row(
+        "   first `starting` line logged",
+        med(|r| r.first_spawn_logged_ms),
         "ms",
         None,
     );
@@ -864,7 +1067,19 @@ fn print_summary(runs: &[RunResult]) {
         None,
     );
     row(
-        &format!("3. idle CPU, heartbeat_ms {HEARTBEAT_MS}, % of one core"),
+        "   per child VMM own anon (RssAnon - guest)",
+        med(|r| r.vmm_own_anon_kib),
+        "KiB",
+        None,
+    );
+    row(
+        "   per child Pss (binary shared over 50)",
+        med(|r| r.child_pss_kib),
+        "KiB",
+        None,
+    );
+    row(
+        &format!("3. idle CPU (utime+stime), heartbeat_ms {HEARTBEAT_MS}"),
         med(|r| r.cpu_pct),
         "%",
         Some((TARGET_CPU_PCT, "%")),
@@ -877,7 +1092,25 @@ fn print_summary(runs: &[RunResult]) {
         None,
     );
     row(
-        "   CPU per guest heartbeat",
+        "   the same from schedstat (ns run times)",
+        med(|r| r.cpu_sched_pct),
+        "%",
+        Some((TARGET_CPU_PCT, "%")),
+    );
+    row(
+        "   of which supervisor (schedstat)",
+        med(|r| r.cpu_sched_sup_pct),
+        "%",
+        None,
+    );
+    row(
+        "   host CPU busy, not the fleet (all cores)",
+        med(|r| r.host_other_pct),
+        "%",
+        None,
+    );
+    row(
+        "   CPU per guest heartbeat (schedstat)",
         med(|r| r.cpu_us_per_heartbeat),
         "µs",
         None,
@@ -901,6 +1134,30 @@ fn print_summary(runs: &[RunResult]) {
         Some((TARGET_RESTART_MS, "ms")),
     );
     row(
+        "   SIGKILL -> old child's leader thread dead",
+        med(|r| r.dead_median_ms),
+        "ms",
+        None,
+    );
+    row(
+        "   SIGKILL -> all old child's threads gone",
+        med(|r| r.threads_gone_median_ms),
+        "ms",
+        None,
+    );
+    row(
+        "   host CPU busy during restarts (all cores)",
+        med(|r| r.host_busy_restart_pct),
+        "%",
+        None,
+    );
+    row(
+        "   SIGKILL -> `exited` logged, median",
+        med(|r| r.reaped_median_ms),
+        "ms",
+        None,
+    );
+    row(
         "   SIGKILL -> `starting` logged, median",
         med(|r| r.respawn_median_ms),
         "ms",
@@ -916,6 +1173,8 @@ fn print_summary(runs: &[RunResult]) {
         "\nNote: nested, software-assisted KVM here (/work/shared/KVM-HERE.md): halted vCPUs \
          cost nothing, but each heartbeat interrupt and its serial output are emulated, so \
          the idle CPU above is measured with heartbeat_ms: {HEARTBEAT_MS} and scales with \
-         the heartbeat rate."
+         the heartbeat rate. utime+stime are sampled at the {tck} Hz tick, so with other \
+         load on the host they are noisy; the schedstat row (ns run times) is the steadier \
+         figure."
     );
 }
