@@ -410,3 +410,48 @@ fn validate_lists_every_problem_in_every_file() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn sd_notify_ready_and_status_when_notify_socket_is_set() {
+    if !kvm_available("fleet::sd_notify") {
+        return;
+    }
+    let dir = scratch("fleetnotify");
+    for n in ["a", "b"] {
+        vm_file(&dir, n, "idle", FAST);
+    }
+    let sock_path = dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = Command::new(bin())
+        .arg("up")
+        .arg(&dir)
+        .args(["--metrics-address", "127.0.0.1:0", "--log-dir"])
+        .arg(dir.join("logs"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut msgs = Vec::new();
+    let mut buf = [0u8; 512];
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20)
+        && !(msgs.iter().any(|m: &String| m.contains("STATUS=2 running"))
+            && msgs.iter().any(|m| m.contains("READY=1")))
+    {
+        if let Ok(n) = sock.recv(&mut buf) {
+            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let st = wait_with_limit(&mut child, Duration::from_secs(15));
+    assert_eq!(st.code(), Some(0));
+    assert!(msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("STATUS=2 running, 0 restarting, 0 failed")),
+        "{msgs:?}"
+    );
+}

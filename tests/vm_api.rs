@@ -146,3 +146,34 @@ fn memory_slots_and_shutdown() {
         assert!(vcpu_threads().is_empty(), "{then}: {:?}", vcpu_threads());
     }
 }
+
+#[test]
+fn run_refuses_a_vcpu_count_that_does_not_match_the_config() {
+    use vmm_fleet::vm::memory::{GuestMem, ram_layout};
+    use vmm_fleet::vm::{KvmVm, VmConfig, VmError};
+    if !common::kvm_available("vm_api::run_refuses_mismatch") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let mut config = VmConfig::new(&kvm, 2).unwrap();
+    config.vcpus_config.truncate(1); // one vCPU set up, two configured
+    let mem = GuestMem::new(ram_layout(16 << 20)).unwrap();
+    let latch = Arc::new(StopLatch::default());
+    let mut vm = KvmVm::new(
+        &kvm,
+        config,
+        &mem,
+        latch,
+        Arc::new(vmm_fleet::vm::devices::Bus::new()),
+        Arc::new(vmm_fleet::metrics::counters::ExitCounters::new(2)),
+    )
+    .unwrap();
+    match vm.run(Some(0x10_0000)) {
+        Err(VmError::VcpuCount {
+            created: 1,
+            configured: 2,
+        }) => {}
+        other => panic!("expected a vCPU count error, got {other:?}"),
+    }
+    assert_eq!(vm.live_vcpus(), 0, "no vCPU thread was started");
+}
