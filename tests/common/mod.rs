@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: KVM presence, temp dirs, running the binary.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
