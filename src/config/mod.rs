@@ -25,14 +25,19 @@ use serde::Deserialize;
 
 /// Default kernel command line when `cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
-/// Longest accepted kernel command line, in bytes.
-pub const MAX_CMDLINE_LEN: usize = 2048;
+/// Longest accepted kernel command line, in bytes: Linux takes 2047 plus the NUL; this
+/// leaves room for the options the built-in guest is given after it.
+pub const MAX_CMDLINE_LEN: usize = 1920;
 /// Longest accepted VM name, in characters.
 pub const MAX_NAME_LEN: usize = 64;
 /// Smallest accepted guest memory size, in MiB.
 pub const MIN_MEMORY_MIB: u64 = 4;
-/// Largest vCPU count accepted by the config (KVM's real limit is checked at run time).
-pub const MAX_VCPUS: u8 = 255;
+/// Largest vCPU count accepted by the config: what an MP table can describe (KVM's own
+/// limit is checked at run time).
+pub const MAX_VCPUS: u8 = 254;
+/// Largest guest memory accepted by the config, in MiB (16 TiB); the host's own memory
+/// is checked at run time.
+pub const MAX_MEMORY_MIB: u64 = 1 << 24;
 /// Accepted range of `builtin.heartbeat_ms`.
 pub const HEARTBEAT_MS_RANGE: std::ops::RangeInclusive<u32> = 1..=60_000;
 

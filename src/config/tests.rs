@@ -316,7 +316,11 @@ fn name_rules() {
 #[test]
 fn value_ranges() {
     let ok = |text: &str| VmSpec::from_yaml(text, Path::new("a.yaml")).is_ok();
-    assert!(ok("name: a\nvcpus: 255\nmemory_mib: 4\nkernel: builtin\n"));
+    assert!(ok("name: a\nvcpus: 254\nmemory_mib: 4\nkernel: builtin\n"));
+    assert!(!ok("name: a\nvcpus: 255\nmemory_mib: 4\nkernel: builtin\n"));
+    assert!(!ok(
+        "name: a\nvcpus: 1\nmemory_mib: 99999999999\nkernel: builtin\n"
+    ));
     assert!(!ok("name: a\nvcpus: 256\nmemory_mib: 4\nkernel: builtin\n"));
     assert!(!ok("name: a\nvcpus: -1\nmemory_mib: 4\nkernel: builtin\n"));
     assert!(!ok("name: a\nvcpus: 1\nmemory_mib: 3\nkernel: builtin\n"));
@@ -347,7 +351,12 @@ fn value_ranges() {
         Path::new("a.yaml"),
     ));
     assert_eq!(keys(&ps), ["cmdline"]);
-    assert!(ps[0].reason.contains("2049 bytes"), "{ps:?}");
+    assert!(
+        ps[0]
+            .reason
+            .contains(&format!("{} bytes", MAX_CMDLINE_LEN + 1)),
+        "{ps:?}"
+    );
 }
 
 #[test]

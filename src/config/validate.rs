@@ -14,8 +14,8 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     BuiltinSpec, BuiltinThen, ConsoleSpec, DEFAULT_CMDLINE, HEARTBEAT_MS_RANGE, KernelSpec,
-    MAX_CMDLINE_LEN, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB, Problem, RestartPolicy, RestartSpec,
-    VmSpec,
+    MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB, Problem,
+    RestartPolicy, RestartSpec, VmSpec,
 };
 
 /// The file as written, before validation. Every key is optional here so that one struct
@@ -540,9 +540,14 @@ impl Validator<'_> {
         let vcpus = self
             .required("vcpus", raw.vcpus)
             .map(|v| self.int_range("vcpus", v, 1, i64::from(MAX_VCPUS)));
-        let memory_mib = self
-            .required("memory_mib", raw.memory_mib)
-            .map(|v| self.int_min("memory_mib", v, MIN_MEMORY_MIB as i64));
+        let memory_mib = self.required("memory_mib", raw.memory_mib).map(|v| {
+            self.int_range(
+                "memory_mib",
+                v,
+                MIN_MEMORY_MIB as i64,
+                MAX_MEMORY_MIB as i64,
+            )
+        });
         let raw_kernel = self.required("kernel", raw.kernel);
         let is_builtin = raw_kernel.as_deref() == Some("builtin");
         let kernel = raw_kernel.and_then(|k| self.kernel(&k));

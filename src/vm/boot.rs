@@ -237,8 +237,8 @@ pub fn boot_fpu() -> kvm_fpu {
     }
 }
 
-/// MSRs set at boot (Firecracker's list): SYSENTER/SYSCALL zeroed, TSC 0,
-/// fast strings on, MTRRs on with write-back default.
+/// MSRs set at boot (Firecracker's list): SYSENTER/SYSCALL zeroed, fast strings on,
+/// MTRRs on with write-back default.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     const FAST_STRING: u64 = 1;
     let list: [(u32, u64); 10] = [
@@ -306,7 +306,9 @@ pub fn vcpu_cpuid(base: &CpuId, id: u8, n: u8) -> CpuId {
             4 => {
                 let level = (e.eax >> 5) & 0x7;
                 let sharing = if level >= 3 { n32 - 1 } else { 0 };
-                e.eax = (e.eax & 0x3ff) | ((sharing & 0xfff) << 14) | (((n32 - 1) & 0x3f) << 26);
+                // EAX[31:26]: addressable core IDs in the package - 1 (a power of two).
+                let cores = (1u32 << core_shift).saturating_sub(1).min(0x3f);
+                e.eax = (e.eax & 0x3ff) | ((sharing & 0xfff) << 14) | (cores << 26);
             }
             0xb | 0x1f => {
                 e.edx = u32::from(id);
@@ -428,6 +430,13 @@ pub fn build_boot_params(
     p
 }
 
+fn kernel_name(k: &KernelImage<'_>) -> String {
+    match k {
+        KernelImage::File(p) => p.display().to_string(),
+        KernelImage::Bytes(name, _) => (*name).to_string(),
+    }
+}
+
 /// Load a kernel, an optional initramfs and the command line; write the zero page
 /// and the long-mode tables. Returns where the BSP starts.
 pub fn load_guest(
@@ -437,7 +446,7 @@ pub fn load_guest(
     cmdline: &str,
 ) -> Result<BootInfo, BootError> {
     let m = &mem.mem;
-    let loaded = match kernel {
+    let loaded = match &kernel {
         KernelImage::File(path) => {
             let mut f = File::open(path).map_err(|source| BootError::KernelFile {
                 path: path.to_path_buf(),
@@ -445,11 +454,27 @@ pub fn load_guest(
             })?;
             load_any(m, &path.display().to_string(), &mut f)?
         }
-        KernelImage::Bytes(name, bytes) => load_any(m, name, &mut Cursor::new(bytes))?,
+        KernelImage::Bytes(name, bytes) => load_any(m, name, &mut Cursor::new(*bytes))?,
     };
     let low_end = mem.low_ram_end();
     // linux-loader reports the end as an address, not a length.
-    let kernel_end = loaded.kernel_end;
+    let mut kernel_end = loaded.kernel_end;
+    if let Some(hdr) = loaded.setup_header {
+        // We enter bzImages at their 64-bit entry: boot protocol 2.12+ with XLF_KERNEL_64.
+        let (version, xloadflags) = (hdr.version, hdr.xloadflags);
+        if version < 0x020c || xloadflags & 1 == 0 {
+            return Err(BootError::Load {
+                what: kernel_name(&kernel),
+                detail: format!(
+                    "bzImage has boot protocol {version:#x} and xloadflags {xloadflags:#x}: no 64-bit entry point (needs 2.12+ with XLF_KERNEL_64)"
+                ),
+            });
+        }
+        // The kernel decompresses itself into [pref_address, pref_address + init_size):
+        // nothing may be placed there.
+        let (pref, init_size) = (hdr.pref_address, hdr.init_size);
+        kernel_end = kernel_end.max(pref.saturating_add(u64::from(init_size)));
+    }
     // bzImage: the 64-bit entry is 0x200 past the protected-mode code (boot protocol);
     // ELF: linux-loader gives the entry point.
     let entry = if loaded.setup_header.is_some() {

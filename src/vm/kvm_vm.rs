@@ -126,6 +126,9 @@ pub struct KvmVm {
     vcpu_run_state: Arc<VcpuRunState>,
     live: Arc<LiveThreads>,
     slots: Vec<(u32, u64)>,
+    /// A handle on the guest memory (its regions are shared): every slot KVM has stays
+    /// mapped while the VM or any of its vCPU threads lives.
+    mem: vm_memory::GuestMemoryMmap,
 }
 
 impl KvmVm {
@@ -167,6 +170,7 @@ impl KvmVm {
             vcpu_run_state: Arc::new(VcpuRunState::default()),
             live: Arc::new(LiveThreads::default()),
             slots: Vec::new(),
+            mem: mem.mem.clone(),
         };
         let mut vm = vm;
         vm.configure_memory_regions(mem)?;
@@ -176,8 +180,9 @@ impl KvmVm {
     /// One KVM slot per region, each with its own flags.
     pub fn configure_memory_regions(&mut self, mem: &GuestMem) -> Result<(), VmError> {
         for region in mem.kvm_regions() {
-            // SAFETY: the region describes memory mapped by `mem`, which the caller keeps
-            // alive for as long as the VM exists (run_vm owns both and drops the VM first).
+            // SAFETY: the region describes memory mapped by `mem`; `self.mem` holds the same
+            // regions (shared, reference-counted) for as long as the VM fd exists, and each
+            // vCPU thread holds them too, so no slot outlives its mapping.
             unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Kvm {
                 what: "KVM_SET_USER_MEMORY_REGION",
                 source,
@@ -284,34 +289,51 @@ impl KvmVm {
             });
         }
         install_kick_handler()?;
-        *self.live.count.lock().unwrap_or_else(|p| p.into_inner()) = self.vcpus.len();
         let vcpus: Vec<KvmVcpu> = self.vcpus.drain(..).collect();
-        let total = vcpus.len();
-        for (started, mut vcpu) in vcpus.into_iter().enumerate() {
+        // Each thread first waits for a go from here, sent once every thread exists; only
+        // then do they set up and meet at the barrier. If a thread cannot be started the
+        // others get no go and end without ever reaching the barrier.
+        let mut gates = Vec::with_capacity(vcpus.len());
+        for mut vcpu in vcpus {
             let exit_handler = self.exit_handler.clone();
             let run_state = self.vcpu_run_state.clone();
+            let mem = self.mem.clone();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            *self.live.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            // Dropped with the closure if the thread cannot be spawned.
             let live = LiveGuard(self.live.clone());
             let spawned = thread::Builder::new()
                 .name(format!("vcpu_{}", vcpu.id()))
                 .spawn(move || {
                     let _live = live;
+                    // Guest memory stays mapped while this thread can still run the guest.
+                    let _mem = mem;
                     block_process_signals();
+                    if go_rx.recv().is_err() {
+                        return;
+                    }
                     if let Some(reason) = vcpu.run(vcpu_run_addr) {
                         run_state.set_and_notify(VmRunState::Exiting);
                         exit_handler.kick(reason);
                     }
                 });
             match spawned {
-                Ok(h) => self.vcpu_handles.push(h),
+                Ok(h) => {
+                    self.vcpu_handles.push(h);
+                    gates.push(go_tx);
+                }
                 Err(e) => {
-                    // The started threads wait at the barrier for parties that will never
-                    // come; mark the VM exiting and let the process end.
                     self.vcpu_run_state.set_and_notify(VmRunState::Exiting);
-                    let missing = total - started;
-                    *self.live.count.lock().unwrap_or_else(|p| p.into_inner()) -= missing;
+                    drop(gates);
+                    for h in self.vcpu_handles.drain(..) {
+                        let _ = h.join();
+                    }
                     return Err(VmError::Spawn(e));
                 }
             }
+        }
+        for g in gates {
+            let _ = g.send(());
         }
         self.vcpu_barrier.wait();
         Ok(())
@@ -325,17 +347,20 @@ impl KvmVm {
         }
     }
 
-    /// Pause every vCPU outside KVM_RUN.
+    /// Pause every vCPU outside KVM_RUN (not once the VM is exiting).
     pub fn pause(&self) {
-        self.vcpu_run_state.set_and_notify(VmRunState::Suspended);
-        self.kick_all();
+        if self
+            .vcpu_run_state
+            .transition(VmRunState::Running, VmRunState::Suspended)
+        {
+            self.kick_all();
+        }
     }
 
     /// Let paused vCPUs run again.
     pub fn resume(&self) {
-        if self.vcpu_run_state.get() == VmRunState::Suspended {
-            self.vcpu_run_state.set_and_notify(VmRunState::Running);
-        }
+        self.vcpu_run_state
+            .transition(VmRunState::Suspended, VmRunState::Running);
     }
 
     /// Stop every vCPU: mark the state Exiting, kick each thread (SIGRTMIN, whose handler

@@ -58,6 +58,17 @@ impl VcpuRunState {
         self.cv.notify_all();
     }
 
+    /// Change `from` to `to` atomically; false (and no change) if the state was not `from`.
+    pub fn transition(&self, from: VmRunState, to: VmRunState) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *g != from {
+            return false;
+        }
+        *g = to;
+        self.cv.notify_all();
+        true
+    }
+
     /// The current state.
     pub fn get(&self) -> VmRunState {
         *self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -365,6 +376,15 @@ impl KvmVcpu {
             VcpuExit::Intr => {
                 counters.add(v, ExitReason::Interrupted);
                 None
+            }
+            // Exits the guest cannot recover from by running again: re-entering would
+            // spin forever on the same exit.
+            VcpuExit::Unknown | VcpuExit::Exception | VcpuExit::Unsupported(_) => {
+                counters.add(v, ExitReason::Other);
+                Some(StopReason::Crash(format!(
+                    "vcpu {id}: unexpected exit {:?}",
+                    self.fd.get_kvm_run().exit_reason
+                )))
             }
             _ => {
                 counters.add(v, ExitReason::Other);
