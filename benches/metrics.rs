@@ -315,7 +315,7 @@ fn filled_fleet() -> Arc<FleetMetrics> {
                 last_exit_code: Some(137),
                 memory_bytes: 32 << 20,
                 vcpus: RENDER_VCPUS as u64,
-                counters: Arc::new(t),
+                counters: Some(Arc::new(t)),
             }
         })
         .collect();

@@ -69,6 +69,10 @@ enum Command {
         /// The shared exit-counter table the supervisor made for this VM.
         #[arg(long)]
         counters: Option<PathBuf>,
+        /// Read the VM's validated spec from stdin (set by the supervisor); FILE then
+        /// only names it.
+        #[arg(long)]
+        spec_stdin: bool,
     },
 }
 
@@ -81,6 +85,7 @@ fn main() -> ProcessExit {
             supervisor_pid,
             settings,
             counters,
+            spec_stdin,
         } => ProcessExit::from(
             cmd_run_vm(
                 &file,
@@ -88,6 +93,7 @@ fn main() -> ProcessExit {
                 supervisor_pid,
                 settings.as_deref(),
                 counters.as_deref(),
+                spec_stdin,
             )
             .code(),
         ),
@@ -217,6 +223,7 @@ fn cmd_run_vm(
     supervisor_pid: Option<u32>,
     settings: Option<&Path>,
     counters: Option<&Path>,
+    spec_stdin: bool,
 ) -> ExitCode {
     let started = std::time::Instant::now();
     let latch = Arc::new(StopLatch::default());
@@ -241,9 +248,20 @@ fn cmd_run_vm(
         eprintln!("vmm-fleet: {e}");
         return ExitCode::VmmError;
     }
-    let loaded = match settings {
-        None => VmSpec::load(file),
-        Some(s) => FleetSettings::load(s, PathBuf::from("/")).and_then(|fs| fs.load_vm(file)),
+    let loaded = if spec_stdin {
+        let mut text = String::new();
+        match std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            Ok(_) => VmSpec::from_wire(&text),
+            Err(e) => {
+                eprintln!("vmm-fleet: reading the VM spec from stdin: {e}");
+                return ExitCode::VmmError;
+            }
+        }
+    } else {
+        match settings {
+            None => VmSpec::load(file),
+            Some(s) => FleetSettings::load(s, PathBuf::from("/")).and_then(|fs| fs.load_vm(file)),
+        }
     };
     let spec = match loaded {
         Ok(s) => s,

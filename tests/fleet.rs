@@ -305,7 +305,7 @@ fn validate_lists_every_problem_in_every_file() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     for want in [
         "a.yaml: vcpus: 0 is out of range",
-        "a.yaml: memory_mib: 1 is too small",
+        "a.yaml: memory_mib: 1 is out of range",
         "b.yaml: kernel: /no/such/kernel: no such file",
         "b.yaml: name: duplicate VM name `a`",
         "c.yaml: bogus: unknown field `bogus`",
@@ -370,4 +370,39 @@ fn sd_notify_ready_and_status_when_notify_socket_is_set() {
             .any(|m| m.contains("STATUS=2 running, 0 restarting, 0 failed")),
         "{msgs:?}"
     );
+}
+
+#[test]
+fn a_restart_uses_the_validated_spec_not_an_unreloaded_edit() {
+    if !kvm_available("fleet::unreloaded_edit") {
+        return;
+    }
+    let dir = scratch("fleetedit");
+    vm_file(&dir, "e", "idle", FAST);
+    vm_file(&dir, "other", "idle", FAST);
+    let fleet = Fleet::up(&dir);
+    assert!(fleet.wait_for(Duration::from_secs(20), |f| f.count("vm e: running") == 1));
+    // Edited to crash, but no SIGHUP: the next start must still be the idle guest.
+    vm_file(&dir, "e", "crash", FAST);
+    let pid = fleet.pid_of("e");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    assert!(fleet.wait_for(Duration::from_secs(10), |f| f.count("vm e: running") == 2));
+    let console = dir.join("logs/e.console");
+    assert!(wait_until(Duration::from_secs(10), || read(&console)
+        .matches("heartbeat 2")
+        .count()
+        >= 2));
+    assert!(!read(&console).contains("crash"), "{}", read(&console));
+    // Removed and put back before a reload finished stopping it: it runs again.
+    std::fs::remove_file(dir.join("e.yaml")).unwrap();
+    fleet.signal(Signal::SIGHUP);
+    assert!(fleet.wait_for(Duration::from_secs(10), |f| f.count("vm e: stopping") == 1));
+    vm_file(&dir, "e", "idle", FAST);
+    fleet.signal(Signal::SIGHUP);
+    assert!(
+        fleet.wait_for(Duration::from_secs(10), |f| f.starts("e").len() == 3),
+        "{}",
+        fleet.log()
+    );
+    assert!(alive(fleet.pid_of("e")));
 }

@@ -42,7 +42,7 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 24;
 pub const HEARTBEAT_MS_RANGE: std::ops::RangeInclusive<u32> = 1..=60_000;
 
 /// A validated VM: the contents of one YAML file, with paths resolved.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     /// VM name: 1..=64 chars of `[A-Za-z0-9._-]`, starting alphanumeric; unique in a fleet.
     pub name: String,
@@ -68,7 +68,7 @@ pub struct VmSpec {
 }
 
 /// Which kernel a VM boots.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelSpec {
     /// The small guest program built into the VMM (`kernel: builtin`).
     Builtin,
@@ -77,7 +77,7 @@ pub enum KernelSpec {
 }
 
 /// Where the guest serial console output goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleSpec {
     /// The VMM's standard output (default).
     Stdout,
@@ -88,7 +88,7 @@ pub enum ConsoleSpec {
 }
 
 /// Behaviour of the builtin guest (`builtin:` section).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BuiltinSpec {
     /// What the guest does after its I/O exits.
     pub then: BuiltinThen,
@@ -109,7 +109,7 @@ impl Default for BuiltinSpec {
 }
 
 /// What the builtin guest does once it has performed its I/O exits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BuiltinThen {
     /// Power the VM off (clean exit).
@@ -158,7 +158,7 @@ impl fmt::Display for BuiltinThen {
 }
 
 /// When the supervisor restarts a VM whose process exited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Restart after every exit.
@@ -188,7 +188,7 @@ impl fmt::Display for RestartPolicy {
 }
 
 /// Restart settings (`restart:` section), used by the fleet supervisor.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RestartSpec {
     /// When to restart.
     pub policy: RestartPolicy,
@@ -333,6 +333,24 @@ impl ConfigError {
 }
 
 impl VmSpec {
+    /// The validated spec as text, for handing to a VM child exactly as validated.
+    pub fn to_wire(&self) -> Result<String, ConfigError> {
+        serde_yaml::to_string(self).map_err(|e| {
+            ConfigError::from_problems(vec![Problem::new(&self.source, "", e.to_string())])
+        })
+    }
+
+    /// A spec from [`VmSpec::to_wire`] text (no validation: it was validated by the sender).
+    pub fn from_wire(text: &str) -> Result<VmSpec, ConfigError> {
+        serde_yaml::from_str(text).map_err(|e| {
+            ConfigError::from_problems(vec![Problem::new(
+                "<spec from supervisor>",
+                "",
+                e.to_string(),
+            )])
+        })
+    }
+
     /// Parses and validates one file; returns every problem found in it (not just the first).
     pub fn load(path: &Path) -> Result<VmSpec, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {

@@ -991,3 +991,12 @@ fn fleet_fixtures_directory() {
         .expect_err("invalid");
     assert!(e.problems().len() >= 3, "{e}");
 }
+
+#[test]
+fn a_spec_survives_the_wire_to_a_child_unchanged() {
+    let text = "name: w\nvcpus: 3\nmemory_mib: 64\nkernel: builtin\ncmdline: \"a=b c\"\nconsole: off\nbuiltin:\n  then: idle\n  io_exits: 7\n  heartbeat_ms: 250\nrestart:\n  policy: never\n  backoff_multiplier: 1.7\n  backoff_initial_ms: 3\n";
+    let spec = VmSpec::from_yaml(text, Path::new("/x/w.yaml")).unwrap();
+    let wire = spec.to_wire().unwrap();
+    assert_eq!(VmSpec::from_wire(&wire).unwrap(), spec);
+    assert!(VmSpec::from_wire("name: [").is_err());
+}

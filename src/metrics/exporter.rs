@@ -33,8 +33,8 @@ pub struct VmSnapshot {
     pub memory_bytes: u64,
     /// Configured vCPUs.
     pub vcpus: u64,
-    /// Its counter table.
-    pub counters: Arc<ExitCounters>,
+    /// Its counter table (None if it could not be made: the VM is still reported).
+    pub counters: Option<Arc<ExitCounters>>,
 }
 
 /// The fleet as last published by the supervisor.
@@ -203,8 +203,12 @@ impl FleetCollector {
         let f = Families::new()?;
         for vm in self.fleet.snapshot() {
             let n = vm.name.as_str();
-            let t = &vm.counters;
-            for vcpu in 0..t.vcpus() {
+            let vcpus = vm.counters.as_ref().map_or(0, |t| t.vcpus());
+            for (t, vcpu) in vm
+                .counters
+                .iter()
+                .flat_map(|t| (0..vcpus).map(move |v| (t, v)))
+            {
                 let vs = vcpu.to_string();
                 for r in ExitReason::ALL {
                     f.exits
@@ -238,7 +242,7 @@ impl FleetCollector {
             }
             f.memory.with_label_values(&[n]).set(vm.memory_bytes as i64);
             f.vcpus.with_label_values(&[n]).set(vm.vcpus as i64);
-            let (console, up) = t.boot_ns();
+            let (console, up) = vm.counters.as_ref().map_or((0, 0), |t| t.boot_ns());
             if console > 0 {
                 f.boot
                     .with_label_values(&[n, "first_console_byte"])
@@ -399,7 +403,7 @@ mod tests {
             last_exit_code: Some(137),
             memory_bytes: 32 << 20,
             vcpus: 2,
-            counters: t,
+            counters: Some(t),
         }]);
         let registry = Registry::new();
         registry

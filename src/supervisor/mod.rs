@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -100,9 +100,23 @@ struct Vm {
     /// Its exit counters, shared with each child; they outlive the children.
     table: Option<(Arc<ExitCounters>, OwnedFd)>,
     start_unix: Option<f64>,
+    /// Restarts of earlier versions of this VM (before its file was edited).
+    restarts_base: u64,
 }
 
 impl Vm {
+    /// The same VM with an edited spec: its counter table and restart count carry over
+    /// (the restart for the edit counts as one).
+    fn replaced(&mut self, spec: VmSpec) -> Self {
+        let mut vm = Self::with_table(spec, self.table.take());
+        vm.restarts_base = self.restarts_base + self.restarter.starts();
+        vm
+    }
+
+    fn restarts(&self) -> u64 {
+        self.restarts_base + self.restarter.restarts()
+    }
+
     fn new(spec: VmSpec) -> Self {
         let table = ExitCounters::create_shared(&spec.name)
             .map(|(t, fd)| (Arc::new(t), fd))
@@ -114,6 +128,7 @@ impl Vm {
         Vm {
             table,
             start_unix: None,
+            restarts_base: 0,
             restarter: Restarter::new(spec.restart),
             spec,
             pid: None,
@@ -204,21 +219,19 @@ impl<S: Spawner> Supervisor<S> {
             let snap = self
                 .vms
                 .iter()
-                .filter_map(|(name, vm)| {
-                    Some(VmSnapshot {
-                        name: name.clone(),
-                        up: vm.pid.is_some(),
-                        state: vm.restarter.state().as_str(),
-                        restarts: vm.restarter.restarts(),
-                        start_time: vm.start_unix,
-                        last_exit_code: vm.last_exit.map(|e| match e {
-                            ChildExit::Code(c) => i64::from(c),
-                            ChildExit::Signal(s) => 128 + i64::from(s),
-                        }),
-                        memory_bytes: vm.spec.memory_mib << 20,
-                        vcpus: u64::from(vm.spec.vcpus),
-                        counters: vm.table.as_ref()?.0.clone(),
-                    })
+                .map(|(name, vm)| VmSnapshot {
+                    name: name.clone(),
+                    up: vm.pid.is_some(),
+                    state: vm.restarter.state().as_str(),
+                    restarts: vm.restarts(),
+                    start_time: vm.start_unix,
+                    last_exit_code: vm.last_exit.map(|e| match e {
+                        ChildExit::Code(c) => i64::from(c),
+                        ChildExit::Signal(s) => 128 + i64::from(s),
+                    }),
+                    memory_bytes: vm.spec.memory_mib << 20,
+                    vcpus: u64::from(vm.spec.vcpus),
+                    counters: vm.table.as_ref().map(|t| t.0.clone()),
                 })
                 .collect();
             m.update(snap);
@@ -250,7 +263,7 @@ impl<S: Spawner> Supervisor<S> {
                 name: name.clone(),
                 state: vm.restarter.state(),
                 pid: vm.pid,
-                restarts: vm.restarter.restarts(),
+                restarts: vm.restarts(),
                 last_exit: vm.last_exit,
             })
             .collect()
@@ -274,8 +287,11 @@ impl<S: Spawner> Supervisor<S> {
                 Ok(sig) => self.on_signal(sig),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.log.line(3, "signal thread gone; stopping the fleet");
-                    self.begin_stop();
+                    if !self.stopping {
+                        self.log.line(3, "signal thread gone; stopping the fleet");
+                        self.begin_stop();
+                    }
+                    std::thread::sleep(timeout.min(Duration::from_millis(10)));
                 }
             }
             self.reap();
@@ -316,7 +332,9 @@ impl<S: Spawner> Supervisor<S> {
         };
         vm.start_at = None;
         vm.restarter.stop_requested();
-        if let Some(pid) = vm.pid {
+        // A stop already under way keeps its SIGKILL deadline: asking again (another
+        // reload, then the fleet's own stop) must not put it off.
+        if let (Some(pid), None) = (vm.pid, vm.kill_at) {
             vm.kill_at = Some(now + grace);
             if let Err(e) = self.spawner.signal(pid, Signal::SIGTERM) {
                 self.log.vm(4, name, &format!("SIGTERM to pid {pid}: {e}"));
@@ -349,13 +367,7 @@ impl<S: Spawner> Supervisor<S> {
             spec: &vm.spec,
             settings: settings_file.as_deref(),
             log_dir: &log_dir,
-            counters: vm.table.as_ref().map(|(_, fd)| {
-                PathBuf::from(format!(
-                    "/proc/{}/fd/{}",
-                    std::process::id(),
-                    fd.as_raw_fd()
-                ))
-            }),
+            counters: vm.table.as_ref().map(|(_, fd)| fd.as_fd()),
         };
         match self.spawner.spawn(&req) {
             Ok(pid) => {
@@ -440,8 +452,10 @@ impl<S: Spawner> Supervisor<S> {
         }
         match vm.restarter.exited(how, now) {
             Decision::RestartAfter(d) if d.is_zero() => {
+                // Started by the timer pass that follows, never from here: a child that
+                // cannot even be spawned must not recurse start -> exit -> start.
+                vm.start_at = Some(now);
                 self.log.vm(6, name, "restarting now");
-                self.start(name, now);
             }
             Decision::RestartAfter(d) => {
                 vm.start_at = Some(now + d);
@@ -470,10 +484,7 @@ impl<S: Spawner> Supervisor<S> {
                 continue;
             };
             if vm.start_at.is_some_and(|t| t <= now) && vm.pid.is_none() {
-                vm.start_at = None;
-                if vm.restarter.due() {
-                    self.start(&name, now);
-                }
+                self.start(&name, now);
                 continue;
             }
             if vm.running_at.is_some_and(|t| t <= now) {
@@ -532,6 +543,14 @@ impl<S: Spawner> Supervisor<S> {
                     let Some(vm) = self.vms.get_mut(&name) else {
                         continue;
                     };
+                    if vm.removed {
+                        // Removed, and back before its child was gone: start it again
+                        // once it is.
+                        vm.removed = false;
+                        vm.replace_with = Some(spec);
+                        changed += 1;
+                        continue;
+                    }
                     if vm.spec == spec && vm.replace_with.is_none() {
                         continue;
                     }
@@ -541,7 +560,7 @@ impl<S: Spawner> Supervisor<S> {
                         vm.removed = false;
                         self.request_stop(&name, now);
                     } else {
-                        *vm = Vm::with_table(spec, vm.table.take());
+                        *vm = vm.replaced(spec);
                         self.log.vm(6, &name, "configuration changed");
                         self.start(&name, now);
                     }

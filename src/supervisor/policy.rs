@@ -189,6 +189,11 @@ impl Restarter {
 
     /// Starts after the first one, over the whole life of this machine (not cleared by
     /// [`Restarter::reset`], so it can feed a Prometheus counter, which only goes up).
+    pub fn starts(&self) -> u64 {
+        self.total_starts
+    }
+
+    /// Starts after the first one (feeds a restarts counter; never goes down).
     pub fn restarts(&self) -> u64 {
         self.total_starts.saturating_sub(1)
     }

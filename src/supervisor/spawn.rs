@@ -1,9 +1,11 @@
 //! Starting and signalling VM child processes, behind a small trait so the event loop
 //! can be driven by a fake in tests.
 //!
-//! A child is this same binary re-executed as `run-vm --vm NAME --supervisor-pid PID FILE`,
-//! so `ps` shows which process runs which VM; its stdout (the console) and stderr (its
-//! log) go to `LOG_DIR/NAME.console` and `LOG_DIR/NAME.log`.
+//! A child is this same binary re-executed as `run-vm --vm NAME --supervisor-pid PID
+//! --spec-stdin --counters /proc/self/fd/N FILE`, so `ps` shows which process runs which
+//! VM. It gets the spec exactly as the supervisor validated it on stdin (an edit to FILE
+//! takes effect only through a reload), and its counter table as inherited fd N. Its
+//! stdout (the console) and stderr (its log) go to `LOG_DIR/NAME.console` and `.log`.
 
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -23,8 +25,8 @@ pub struct SpawnRequest<'a> {
     pub settings: Option<&'a Path>,
     /// Where the console and log files go.
     pub log_dir: &'a Path,
-    /// The VM's shared counter table, as a path the child can open.
-    pub counters: Option<PathBuf>,
+    /// The VM's shared counter table, inherited by the child.
+    pub counters: Option<BorrowedFd<'a>>,
 }
 
 /// Starts and signals VM children.
@@ -60,25 +62,44 @@ impl Spawner for ProcessSpawner {
         fs::create_dir_all(req.log_dir)?;
         let (console, log) = Self::log_files(req.log_dir, &req.spec.name);
         let open = |p: &Path| OpenOptions::new().create(true).append(true).open(p);
+        let spec = req
+            .spec
+            .to_wire()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("vmm-fleet")
             .arg("run-vm")
             .arg("--vm")
             .arg(&req.spec.name)
             .arg("--supervisor-pid")
-            .arg(std::process::id().to_string());
-        if let Some(s) = req.settings {
-            cmd.arg("--settings").arg(s);
-        }
-        if let Some(c) = &req.counters {
-            cmd.arg("--counters").arg(c);
+            .arg(std::process::id().to_string())
+            .arg("--spec-stdin");
+        if let Some(fd) = req.counters {
+            cmd.arg("--counters")
+                .arg(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         }
         cmd.arg(&req.spec.source)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(open(&console)?)
             .stderr(open(&log)?);
-        let child = cmd.spawn()?;
-        Ok(child.id())
+        // Only this VM's table crosses the exec: its fd loses close-on-exec just for
+        // this spawn (children are spawned from the supervisor's one loop thread).
+        let child = match req.counters {
+            Some(fd) => {
+                set_cloexec(fd, false)?;
+                let r = cmd.spawn();
+                set_cloexec(fd, true)?;
+                r?
+            }
+            None => cmd.spawn()?,
+        };
+        let pid = child.id();
+        if let Some(mut stdin) = child.stdin {
+            // A few hundred bytes: fits in the pipe, so this does not block. A child that
+            // died already just makes this fail; its exit is reaped as usual.
+            let _ = stdin.write_all(spec.as_bytes());
+        }
+        Ok(pid)
     }
 
     fn signal(&mut self, pid: u32, sig: Signal) -> io::Result<()> {
@@ -87,4 +108,17 @@ impl Spawner for ProcessSpawner {
     }
 }
 
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
+
+fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let flags = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
