@@ -113,7 +113,15 @@ fn bzimage_is_loaded_as_the_boot_protocol_says() {
         .read_slice(&mut placed, GuestAddress(boot::HIMEM_START))
         .unwrap();
     assert_eq!(&placed[..], &payload[..placed.len()]);
-    assert_eq!(info.kernel_end, boot::HIMEM_START + payload.len() as u64);
+    // Nothing may follow the kernel inside the area it decompresses itself into:
+    // [pref_address, pref_address + init_size) from the setup header.
+    let pref = u64::from_le_bytes(file[0x258..0x260].try_into().unwrap());
+    let init_size = u64::from(u32::from_le_bytes(file[0x260..0x264].try_into().unwrap()));
+    assert_eq!(
+        info.kernel_end,
+        (boot::HIMEM_START + payload.len() as u64).max(pref + init_size)
+    );
+    assert!(info.kernel_end > pref, "decompression area accounted for");
 
     // The zero page carries the bzImage's own setup header, completed by us.
     let mut zp = vec![0u8; 4096];
