@@ -49,22 +49,24 @@
 //! nothing but every heartbeat interrupt and each of its serial port writes is emulated,
 //! so the idle CPU is mostly heartbeats; it scales with 1/heartbeat_ms.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::os::unix::process::CommandExt;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::{Pid, SysconfVar, sysconf};
+use nix::unistd::Pid;
 
-const VMM: &str = env!("CARGO_BIN_EXE_vmm-fleet");
+use common::{
+    Fleet, MEMORY_MIB, Res, TempDir, VMM, alive, cpu_ticks, kvm_unavailable, median, ms, pctl,
+    rollup_kib, sorted, status_kib, ticks_per_s,
+};
+
 const VMS: usize = 50;
-const MEMORY_MIB: u64 = 32;
 const GUEST_BYTES: u64 = MEMORY_MIB << 20;
 const HEARTBEAT_MS: u32 = 1000;
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
@@ -76,8 +78,6 @@ const TARGET_SUP_RSS_KIB: f64 = 10.0 * 1024.0;
 const TARGET_CPU_PCT: f64 = 2.0;
 const TARGET_RESTART_MS: f64 = 50.0;
 const TARGET_STOP_MS: f64 = 500.0;
-
-type Res<T> = Result<T, String>;
 
 /// Every measure of one run.
 #[derive(Debug, Clone, Default)]
@@ -133,11 +133,7 @@ struct RunResult {
 
 fn main() {
     let started = Instant::now();
-    if let Err(e) = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Some(e) = kvm_unavailable() {
         println!("fleet bench skipped: cannot open /dev/kvm: {e}");
         return;
     }
@@ -167,82 +163,11 @@ fn main() {
         }
     }
     print_summary(&runs);
-    println!(
-        "\ntotal bench wall time: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    common::print_total(started);
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `vmm-fleet up` in its own process group, with its event log.
-struct Fleet {
-    child: Child,
-    spawned_at: Instant,
-    lines: Arc<Mutex<Vec<(Instant, String)>>>,
-    /// Every child pid ever seen (killed on drop if still alive).
-    seen_pids: Vec<u32>,
-    exited: bool,
-}
-
+/// The queries of this bench on a running `vmm-fleet up`.
 impl Fleet {
-    fn up(dir: &Path) -> Res<Fleet> {
-        let mut cmd = Command::new(VMM);
-        cmd.arg("up")
-            .arg(dir)
-            .arg("--log-dir")
-            .arg(dir.join("logs"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let spawned_at = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| format!("spawn {VMM} up: {e}"))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        let err = child.stderr.take().ok_or("no stderr pipe")?;
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let now = Instant::now();
-                if let Ok(mut v) = l.lock() {
-                    v.push((now, line));
-                }
-            }
-        });
-        Ok(Fleet {
-            child,
-            spawned_at,
-            lines,
-            seen_pids: Vec::new(),
-            exited: false,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn snapshot(&self) -> Vec<(Instant, String)> {
-        self.lines.lock().map(|v| v.clone()).unwrap_or_default()
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let v = self.snapshot();
-        let skip = v.len().saturating_sub(n);
-        v[skip..]
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
     fn count(&self, needle: &str) -> usize {
         self.lines
             .lock()
@@ -297,42 +222,17 @@ impl Fleet {
     }
 
     /// Some(exit code) once the supervisor has exited (None code: killed by a signal).
-    fn try_exit(&mut self) -> Res<Option<Option<i32>>> {
-        match self.child.try_wait() {
-            Ok(Some(st)) => {
-                self.exited = true;
-                Ok(Some(st.code()))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => Err(format!("try_wait on the supervisor: {e}")),
-        }
+    fn exit_code(&mut self) -> Res<Option<Option<i32>>> {
+        Ok(self.try_exit()?.map(|st| st.code()))
     }
 
     fn ensure_alive(&mut self) -> Res<()> {
-        match self.try_exit()? {
+        match self.exit_code()? {
             None => Ok(()),
             Some(code) => Err(format!(
                 "the supervisor exited early (code {code:?}); log tail:\n{}",
                 self.log_tail(30)
             )),
-        }
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        if !self.exited {
-            let pgid = Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::killpg(pgid, Signal::SIGKILL);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // Children die with the supervisor (PR_SET_PDEATHSIG) and share its process
-        // group; this is a last resort for any that did not.
-        for pid in &self.seen_pids {
-            if alive(*pid) {
-                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
-            }
         }
     }
 }
@@ -362,21 +262,21 @@ fn write_fleet(dir: &Path) -> Res<Vec<String>> {
 
 fn one_run(run: usize) -> Res<RunResult> {
     let t_run = Instant::now();
-    let dir = TempDir(std::env::temp_dir().join(format!(
+    let dir = TempDir::new(&format!(
         "vmm-fleet-bench-fleet-{}-{run}",
         std::process::id()
-    )));
-    let _ = fs::remove_dir_all(&dir.0);
-    fs::create_dir_all(dir.0.join("logs")).map_err(|e| format!("{}: {e}", dir.0.display()))?;
-    let names = write_fleet(&dir.0)?;
+    ))?;
+    let dir = dir.path();
+    fs::create_dir_all(dir.join("logs")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let names = write_fleet(dir)?;
     let consoles: Vec<PathBuf> = names
         .iter()
-        .map(|n| dir.0.join("logs").join(format!("{n}.console")))
+        .map(|n| dir.join("logs").join(format!("{n}.console")))
         .collect();
     let mut r = RunResult::default();
 
     // 1. Start-up.
-    let mut fleet = Fleet::up(&dir.0)?;
+    let mut fleet = Fleet::up(dir, &[])?;
     let t0 = fleet.spawned_at;
     let mut first_line: Vec<Option<Duration>> = vec![None; VMS];
     let limit = Duration::from_secs(30);
@@ -402,12 +302,12 @@ fn one_run(run: usize) -> Res<RunResult> {
         fleet.ensure_alive()?;
         thread::sleep(Duration::from_millis(1));
     }
-    let mut firsts: Vec<f64> = first_line.iter().flatten().map(ms).collect();
+    let mut firsts: Vec<f64> = first_line.iter().flatten().copied().map(ms).collect();
     r.startup_all_ms = max(&firsts);
     r.startup_median_ms = median(&mut firsts);
     let spawn_logged: Vec<f64> = names
         .iter()
-        .filter_map(|n| fleet.starts(n).first().map(|s| ms(&(s.0 - t0))))
+        .filter_map(|n| fleet.starts(n).first().map(|s| ms(s.0 - t0)))
         .collect();
     r.first_spawn_logged_ms = spawn_logged.iter().copied().fold(f64::INFINITY, f64::min);
     r.last_spawn_logged_ms = max(&spawn_logged);
@@ -460,9 +360,7 @@ fn one_run(run: usize) -> Res<RunResult> {
     r.guest_merged = merged;
 
     // 3. Idle CPU.
-    let tck = sysconf(SysconfVar::CLK_TCK)
-        .map_err(|e| format!("sysconf(CLK_TCK): {e}"))?
-        .ok_or("CLK_TCK unknown")? as f64;
+    let tck = ticks_per_s()?;
     thread::sleep(Duration::from_millis(500));
     let all: Vec<u32> = pids.values().copied().collect();
     let hb0 = count_heartbeats(&consoles);
@@ -534,7 +432,7 @@ fn one_run(run: usize) -> Res<RunResult> {
                 gone_at = Some(t.elapsed());
             }
             if new_boot_line(console, size) {
-                restart.push(ms(&t.elapsed()));
+                restart.push(ms(t.elapsed()));
                 break;
             }
             if t.elapsed() > limit {
@@ -558,15 +456,15 @@ fn one_run(run: usize) -> Res<RunResult> {
         if new_pid == old_pid {
             return Err(format!("vm {name}: same pid {new_pid} after SIGKILL"));
         }
-        respawn.push(ms(&ts.saturating_duration_since(t)));
+        respawn.push(ms(ts.saturating_duration_since(t)));
         if let Some(d) = dead_at {
-            dead.push(ms(&d));
+            dead.push(ms(d));
         }
         if let Some(d) = gone_at {
-            gone.push(ms(&d));
+            gone.push(ms(d));
         }
         if let Some(te) = fleet.times(&format!("vm {name}: exited")).get(exits_before) {
-            reaped.push(ms(&te.saturating_duration_since(t)));
+            reaped.push(ms(te.saturating_duration_since(t)));
         }
         fleet.pids(&names)?;
         thread::sleep(Duration::from_millis(50));
@@ -599,7 +497,7 @@ fn one_run(run: usize) -> Res<RunResult> {
     kill(Pid::from_raw(sup as i32), Signal::SIGTERM).map_err(|e| format!("SIGTERM: {e}"))?;
     let limit = Duration::from_secs(20);
     let code = loop {
-        if let Some(code) = fleet.try_exit()? {
+        if let Some(code) = fleet.exit_code()? {
             break code;
         }
         if t.elapsed() > limit {
@@ -610,7 +508,7 @@ fn one_run(run: usize) -> Res<RunResult> {
         }
         thread::sleep(Duration::from_micros(200));
     };
-    r.stop_ms = ms(&t.elapsed());
+    r.stop_ms = ms(t.elapsed());
     r.stop_exit_code = code;
     let left: Vec<u32> = final_pids.iter().copied().filter(|p| alive(*p)).collect();
     if !left.is_empty() {
@@ -618,7 +516,7 @@ fn one_run(run: usize) -> Res<RunResult> {
             "children still alive after the supervisor exited: {left:?}"
         ));
     }
-    let stray = processes_naming(&dir.0);
+    let stray = processes_naming(dir);
     if !stray.is_empty() {
         return Err(format!("processes naming the fleet dir remain: {stray:?}"));
     }
@@ -696,16 +594,6 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A live (non-zombie) process.
-fn alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// Live processes whose command line mentions `dir`.
 fn processes_naming(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
@@ -736,16 +624,6 @@ fn proc_children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// The number after `key` in /proc/PID/status (kB for memory keys).
-fn status_kib(pid: u32, key: &str) -> Res<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("/proc/{pid}/status: no {key}"))
-}
-
 /// Context switches of every thread of `pid`.
 fn ctxt_switches(pid: u32) -> Res<u64> {
     let rd =
@@ -765,16 +643,6 @@ fn ctxt_switches(pid: u32) -> Res<u64> {
         }
     }
     Ok(total)
-}
-
-/// The number after `key` in /proc/PID/smaps_rollup (kB).
-fn rollup_kib(pid: u32, key: &str) -> Res<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .map_err(|e| format!("/proc/{pid}/smaps_rollup: {e}"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("/proc/{pid}/smaps_rollup: no {key}"))
 }
 
 /// Entries in /proc/PID/task (0 once the process is reaped).
@@ -828,24 +696,6 @@ fn cpu_ns(pid: u32) -> Res<u64> {
     Ok(total)
 }
 
-/// utime + stime of every thread of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Res<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    let rest = s
-        .rsplit_once(") ")
-        .map(|x| x.1)
-        .ok_or_else(|| format!("/proc/{pid}/stat: bad format"))?;
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> Res<u64> {
-        f.get(i - 3)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("/proc/{pid}/stat: no field {i}"))
-    };
-    Ok(field(14)? + field(15)?)
-}
-
 /// `Rss:` (KiB) of the guest memory mapping in /proc/PID/smaps: the anonymous mapping of
 /// exactly the guest's size; `merged` is true when there is none and the smallest
 /// anonymous `rw-p` mapping larger than that is taken instead (the kernel merged the
@@ -854,32 +704,11 @@ fn cpu_ticks(pid: u32) -> Res<u64> {
 fn guest_rss_kib(pid: u32) -> Res<(u64, bool)> {
     let s = fs::read_to_string(format!("/proc/{pid}/smaps"))
         .map_err(|e| format!("/proc/{pid}/smaps: {e}"))?;
-    // (size in bytes, anonymous rw-p, Rss in KiB)
-    let mut maps: Vec<(u64, bool, u64)> = Vec::new();
-    for line in s.lines() {
-        let mut words = line.split_whitespace();
-        let first = words.next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-')
-            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-        {
-            let perms = words.next().unwrap_or("");
-            let inode = words.nth(2).unwrap_or("");
-            let anon = perms == "rw-p" && inode == "0" && words.next().is_none();
-            maps.push((b - a, anon, 0));
-            continue;
-        }
-        if let (Some(v), Some(last)) = (line.strip_prefix("Rss:"), maps.last_mut()) {
-            last.2 = v
-                .split_whitespace()
-                .next()
-                .and_then(|x| x.parse().ok())
-                .ok_or("bad Rss: line")?;
-        }
-    }
+    let maps = common::smaps_mappings(&s)?;
     let exact: Vec<u64> = maps
         .iter()
-        .filter(|m| m.0 == GUEST_BYTES)
-        .map(|m| m.2)
+        .filter(|m| m.end - m.start == GUEST_BYTES)
+        .map(|m| m.rss_kib)
         .collect();
     match exact.as_slice() {
         [one] => return Ok((*one, false)),
@@ -887,38 +716,10 @@ fn guest_rss_kib(pid: u32) -> Res<(u64, bool)> {
         many => return Err(format!("{} mappings of {GUEST_BYTES} bytes", many.len())),
     }
     maps.iter()
-        .filter(|m| m.1 && m.0 > GUEST_BYTES)
-        .min_by_key(|m| m.0)
-        .map(|m| (m.2, true))
+        .filter(|m| m.anon_rw && m.end - m.start > GUEST_BYTES)
+        .min_by_key(|m| m.end - m.start)
+        .map(|m| (m.rss_kib, true))
         .ok_or_else(|| format!("no anonymous mapping of {GUEST_BYTES} bytes or more in smaps"))
-}
-
-fn ms(d: &Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn sorted(v: &[f64]) -> Vec<f64> {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s
-}
-
-/// Nearest-rank percentile of a sorted, non-empty slice.
-fn pctl(sorted: &[f64], p: usize) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len()).div_ceil(100).max(1);
-    sorted[rank.min(sorted.len()) - 1]
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn max(v: &[f64]) -> f64 {
@@ -997,7 +798,7 @@ fn print_run(r: &RunResult) {
 }
 
 fn print_summary(runs: &[RunResult]) {
-    let tck = sysconf(SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100);
+    let tck = ticks_per_s().unwrap_or(100.0);
     let med = |f: fn(&RunResult) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         median(&mut v)

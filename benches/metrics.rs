@@ -33,7 +33,7 @@
 //!
 //! ## 3. Supervisor CPU while scraped every second
 //!
-//! `vmm-fleet up DIR --metrics-address 127.0.0.1:0 --log-dir DIR/logs` (own process group)
+//! `vmm-fleet up DIR --log-dir DIR/logs --metrics-address 127.0.0.1:0` (own process group)
 //! over 100 built-in VMs × 4 vCPUs (`then: idle`, `heartbeat_ms: 60000`, 32 MiB,
 //! `console: off`). Once every VM has logged `running` (at most 60 s, else the fleet is
 //! stopped and the section is redone with 25 VMs), 2 s of settling, then the supervisor's
@@ -42,30 +42,29 @@
 //! scrape latency. Then SIGTERM, and the supervisor must exit (else the process group is
 //! SIGKILLed); on any failure the group is SIGKILLed.
 
-#[path = "../examples/bare_loop.rs"]
-#[allow(dead_code)] // the example's `main`
-mod bare_loop;
+mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::{Pid, SysconfVar, sysconf};
+use nix::unistd::Pid;
 use prometheus::Registry;
-use vmm_fleet::config::DEFAULT_CMDLINE;
 use vmm_fleet::metrics::counters::{ExitCounters, ExitReason, KVM_STATS};
 use vmm_fleet::metrics::exporter::{Exporter, FleetCollector, FleetMetrics, VmSnapshot, render};
 use vmm_fleet::supervisor::STATE_NAMES;
 
-const VMM: &str = env!("CARGO_BIN_EXE_vmm-fleet");
+use common::{
+    Fleet, MEMORY_MIB, Res, Stats, Table, TempDir, VMM, builtin_yaml, cpu_ticks, host_line,
+    kvm_unavailable, ms, ticks_per_s, time_bare, time_run_vm, verdict,
+};
+
 const IO_EXITS: u64 = 1_000_000;
 const IO_RUNS: usize = 3;
 const ADD_CALLS: u64 = 100_000_000;
@@ -80,37 +79,21 @@ const BASELINE_WINDOW: Duration = Duration::from_secs(10);
 const SCRAPE_WINDOW: Duration = Duration::from_secs(20);
 const TARGET_OVERHEAD_PCT: f64 = 2.0;
 
-type Res<T> = Result<T, String>;
-
 fn main() {
     let started = Instant::now();
-    let kvm = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map_err(|e| e.to_string());
-    let dir = std::env::temp_dir().join(format!("vmm-fleet-bench-metrics-{}", std::process::id()));
-    let result = fs::create_dir_all(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))
-        .and_then(|()| bench(&dir, kvm.as_ref().err()));
-    let _ = fs::remove_dir_all(&dir);
+    let no_kvm = kvm_unavailable();
+    // The directory is removed when `bench` returns.
+    let result = TempDir::new(&format!("vmm-fleet-bench-metrics-{}", std::process::id()))
+        .and_then(|dir| bench(dir.path(), no_kvm.as_ref()));
     if let Err(e) = result {
         eprintln!("metrics bench failed: {e}");
         std::process::exit(1);
     }
-    println!(
-        "\ntotal bench wall time: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    common::print_total(started);
 }
 
 fn bench(dir: &Path, no_kvm: Option<&String>) -> Res<()> {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
-        "metrics bench: {VMM}\nhost kernel {}, {} CPUs; p90 = nearest rank",
-        kernel.trim(),
-        thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    println!("metrics bench: {VMM}\n{}; p90 = nearest rank", host_line());
     let per_exit_ns = match no_kvm {
         None => Some(section_counting_cost(dir)?),
         Some(e) => {
@@ -130,54 +113,6 @@ fn bench(dir: &Path, no_kvm: Option<&String>) -> Res<()> {
 // ---------------------------------------------------------------------------------------
 // Section 1
 
-fn builtin_yaml(dir: &Path, name: &str, io_exits: u64) -> Res<PathBuf> {
-    let path = dir.join(format!("{name}.yaml"));
-    let text = format!(
-        "name: {name}\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: off\n\
-         builtin:\n  then: poweroff\n  io_exits: {io_exits}\n"
-    );
-    fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
-}
-
-fn fleet_once(yaml: &Path) -> Res<f64> {
-    let mut cmd = Command::new(VMM);
-    cmd.arg("run-vm")
-        .arg(yaml)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let t0 = Instant::now();
-    let out = cmd
-        .spawn()
-        .and_then(|c| c.wait_with_output())
-        .map_err(|e| format!("{cmd:?}: {e}"))?;
-    let wall = t0.elapsed();
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?}: {}, stderr {:?}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(wall.as_secs_f64() * 1e3)
-}
-
-fn bare_once(n: u64) -> Res<f64> {
-    let cmdline = format!("{DEFAULT_CMDLINE} then=poweroff io_exits={n} heartbeat_ms=1000");
-    let t0 = Instant::now();
-    let r = bare_loop::run(&cmdline).map_err(|e| format!("bare loop: {e}"))?;
-    let wall = t0.elapsed();
-    if r.io_exits < n || !String::from_utf8_lossy(&r.console).contains("poweroff") {
-        return Err(format!(
-            "bare loop {cmdline:?}: {} port-I/O exits, console {:?}",
-            r.io_exits,
-            String::from_utf8_lossy(&r.console)
-        ));
-    }
-    Ok(wall.as_secs_f64() * 1e3)
-}
-
 /// Returns the vmm-fleet per-exit time in ns.
 fn section_counting_cost(dir: &Path) -> Res<f64> {
     println!(
@@ -185,23 +120,23 @@ fn section_counting_cost(dir: &Path) -> Res<f64> {
          console off; N = {IO_EXITS} (and N = 0 for start-up), {IO_RUNS} runs each, interleaved"
     );
     let yamls = [
-        builtin_yaml(dir, "io-0", 0)?,
-        builtin_yaml(dir, "io-n", IO_EXITS)?,
+        builtin_yaml(dir, "io-0", 1, 0, "off")?,
+        builtin_yaml(dir, "io-n", 1, IO_EXITS, "off")?,
     ];
     // Warm-up with the cheap N = 0.
-    fleet_once(&yamls[0])?;
-    bare_once(0)?;
+    time_run_vm(&yamls[0])?;
+    time_bare(0)?;
     let mut fleet_ms = [Vec::new(), Vec::new()];
     let mut bare_ms = [Vec::new(), Vec::new()];
     for round in 0..IO_RUNS {
         for (i, n) in [0, IO_EXITS].into_iter().enumerate() {
             // Alternate which goes first, so neither always follows the other.
             if round % 2 == 0 {
-                fleet_ms[i].push(fleet_once(&yamls[i])?);
-                bare_ms[i].push(bare_once(n)?);
+                fleet_ms[i].push(time_run_vm(&yamls[i])?);
+                bare_ms[i].push(time_bare(n)?);
             } else {
-                bare_ms[i].push(bare_once(n)?);
-                fleet_ms[i].push(fleet_once(&yamls[i])?);
+                bare_ms[i].push(time_bare(n)?);
+                fleet_ms[i].push(time_run_vm(&yamls[i])?);
             }
         }
         println!(
@@ -343,7 +278,7 @@ fn section_render() -> Res<()> {
     for _ in 0..RENDERS {
         let t0 = Instant::now();
         let body = render(&registry);
-        render_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        render_ms.push(ms(t0.elapsed()));
         size = body.len();
     }
     let text = String::from_utf8(render(&registry)).map_err(|e| e.to_string())?;
@@ -371,7 +306,7 @@ fn section_render() -> Res<()> {
     let mut http_ms = Vec::with_capacity(RENDERS);
     for _ in 0..RENDERS {
         let (d, n) = get_metrics(addr)?;
-        http_ms.push(d.as_secs_f64() * 1e3);
+        http_ms.push(ms(d));
         http_size = n;
     }
     drop(exporter);
@@ -429,56 +364,14 @@ fn get_metrics(addr: SocketAddr) -> Res<(Duration, usize)> {
 // ---------------------------------------------------------------------------------------
 // Section 3
 
-/// A running `vmm-fleet up` in its own process group, with its event log.
-struct Fleet {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    exited: bool,
-}
-
+/// The queries of this bench on a running `vmm-fleet up`.
 impl Fleet {
-    fn up(dir: &Path) -> Res<Fleet> {
-        let mut cmd = Command::new(VMM);
-        cmd.args(["up", "--metrics-address", "127.0.0.1:0", "--log-dir"])
-            .arg(dir.join("logs"))
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd.spawn().map_err(|e| format!("spawn {VMM} up: {e}"))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        let err = child.stderr.take().ok_or("no stderr pipe")?;
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(mut v) = l.lock() {
-                    v.push(line);
-                }
-            }
-        });
-        Ok(Fleet {
-            child,
-            lines,
-            exited: false,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let v = self.lines.lock().map(|v| v.clone()).unwrap_or_default();
-        v[v.len().saturating_sub(n)..].join("\n")
-    }
-
     /// Wait for the `metrics on http://ADDR/metrics` line.
     fn addr(&mut self, limit: Duration) -> Res<SocketAddr> {
         let deadline = Instant::now() + limit;
         loop {
             let found = self.lines.lock().ok().and_then(|v| {
-                v.iter().find_map(|l| {
+                v.iter().find_map(|(_, l)| {
                     l.split("metrics on http://")
                         .nth(1)?
                         .trim_end_matches("/metrics")
@@ -489,8 +382,7 @@ impl Fleet {
             if let Some(a) = found {
                 return Ok(a);
             }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                self.exited = true;
+            if let Ok(Some(st)) = self.try_exit() {
                 return Err(format!("fleet exited ({st}): {}", self.log_tail(20)));
             }
             if Instant::now() > deadline {
@@ -505,9 +397,9 @@ impl Fleet {
 
     /// Names of VMs that have logged `running`.
     fn running(&self) -> usize {
-        let v = self.lines.lock().map(|v| v.clone()).unwrap_or_default();
+        let v = self.snapshot();
         v.iter()
-            .filter_map(|l| l.split_once("vm ")?.1.strip_suffix(": running"))
+            .filter_map(|(_, l)| l.split_once("vm ")?.1.strip_suffix(": running"))
             .collect::<BTreeSet<_>>()
             .len()
     }
@@ -519,8 +411,7 @@ impl Fleet {
         let t0 = Instant::now();
         kill(pid, Signal::SIGTERM).map_err(|e| format!("SIGTERM {pid}: {e}"))?;
         while t0.elapsed() < limit {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                self.exited = true;
+            if let Ok(Some(_)) = self.try_exit() {
                 let took = t0.elapsed();
                 // Anything of the group still alive is a leak.
                 thread::sleep(Duration::from_millis(100));
@@ -541,27 +432,14 @@ impl Fleet {
     }
 }
 
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        let pgid = Pid::from_raw(self.child.id() as i32);
-        if !self.exited {
-            let _ = killpg(pgid, Signal::SIGKILL);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        } else {
-            // Stragglers of the group, if any.
-            let _ = killpg(pgid, Signal::SIGKILL);
-        }
-    }
-}
-
 fn write_fleet(dir: &Path, vms: usize) -> Res<()> {
     fs::create_dir_all(dir.join("logs")).map_err(|e| format!("{}: {e}", dir.display()))?;
     for i in 0..vms {
         let name = format!("vm-{i:03}");
         let path = dir.join(format!("{name}.yaml"));
         let text = format!(
-            "name: {name}\nvcpus: {FLEET_VCPUS}\nmemory_mib: 32\nkernel: builtin\nconsole: off\n\
+            "name: {name}\nvcpus: {FLEET_VCPUS}\nmemory_mib: {MEMORY_MIB}\nkernel: builtin\n\
+             console: off\n\
              builtin:\n  then: idle\n  heartbeat_ms: 60000\n"
         );
         fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -569,45 +447,18 @@ fn write_fleet(dir: &Path, vms: usize) -> Res<()> {
     Ok(())
 }
 
-/// utime + stime of `pid` in clock ticks.
-fn cpu_ticks(pid: u32) -> Res<u64> {
-    let stat =
-        fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("stat {pid}: {e}"))?;
-    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
-    let rest = stat
-        .rsplit_once(')')
-        .ok_or("bad /proc stat")?
-        .1
-        .split_whitespace()
-        .collect::<Vec<_>>();
-    let field = |n: usize| -> Res<u64> {
-        rest.get(n - 3)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("/proc/{pid}/stat field {n}"))
-    };
-    Ok(field(14)? + field(15)?)
-}
-
-fn ticks_per_s() -> f64 {
-    sysconf(SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |t| t as f64)
-}
-
 /// A started fleet with every VM running, or why not.
 fn start_fleet(dir: &Path, vms: usize) -> Res<(Fleet, SocketAddr, Duration)> {
     write_fleet(dir, vms)?;
     let t0 = Instant::now();
-    let mut fleet = Fleet::up(dir)?;
+    let mut fleet = Fleet::up(dir, &["--metrics-address", "127.0.0.1:0"])?;
     let addr = fleet.addr(Duration::from_secs(20))?;
     loop {
         let n = fleet.running();
         if n >= vms {
             return Ok((fleet, addr, t0.elapsed()));
         }
-        if let Ok(Some(st)) = fleet.child.try_wait() {
-            fleet.exited = true;
+        if let Ok(Some(st)) = fleet.try_exit() {
             return Err(format!("fleet exited ({st}): {}", fleet.log_tail(20)));
         }
         if t0.elapsed() > RUNNING_LIMIT {
@@ -639,7 +490,7 @@ fn section_fleet(dir: &Path) -> Res<()> {
         fleet.pid()
     );
     let pid = fleet.pid();
-    let tps = ticks_per_s();
+    let tps = ticks_per_s()?;
     // Settle: start-up work (and the `running` transitions) out of the window.
     thread::sleep(Duration::from_secs(2));
 
@@ -659,7 +510,7 @@ fn section_fleet(dir: &Path) -> Res<()> {
             thread::sleep(d);
         }
         let (d, n) = get_metrics(addr)?;
-        lat_ms.push(d.as_secs_f64() * 1e3);
+        lat_ms.push(ms(d));
         body = n;
     }
     if let Some(d) = (t0 + SCRAPE_WINDOW).checked_duration_since(Instant::now()) {
@@ -711,90 +562,4 @@ fn section_fleet(dir: &Path) -> Res<()> {
         }
     );
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// Statistics and tables
-
-struct Stats {
-    median: f64,
-    p90: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Stats {
-    fn of(v: impl Iterator<Item = f64>) -> Stats {
-        let mut v: Vec<f64> = v.collect();
-        if v.is_empty() {
-            return Stats {
-                median: f64::NAN,
-                p90: f64::NAN,
-                min: f64::NAN,
-                max: f64::NAN,
-            };
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        // Nearest rank: the smallest value with at least 90% of the samples at or below it.
-        let p90 = v[(n * 9).div_ceil(10).max(1) - 1];
-        Stats {
-            median,
-            p90,
-            min: v[0],
-            max: v[n - 1],
-        }
-    }
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
-}
-
-/// A left-aligned first column and right-aligned others.
-struct Table {
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn new(header: &[&str]) -> Table {
-        Table {
-            rows: vec![header.iter().map(|s| s.to_string()).collect()],
-        }
-    }
-
-    fn row(&mut self, r: Vec<String>) {
-        self.rows.push(r);
-    }
-
-    fn print(&self) {
-        use std::fmt::Write as _;
-        let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
-        let width: Vec<usize> = (0..cols)
-            .map(|c| {
-                self.rows
-                    .iter()
-                    .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        for r in &self.rows {
-            let mut line = String::from(" ");
-            for (c, w) in width.iter().enumerate() {
-                let cell = r.get(c).map_or("", String::as_str);
-                let _ = if c == 0 {
-                    write!(line, " {cell:<w$}")
-                } else {
-                    write!(line, "  {cell:>w$}")
-                };
-            }
-            println!("{}", line.trim_end());
-        }
-    }
 }

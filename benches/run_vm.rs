@@ -77,15 +77,11 @@
 //! First console byte within 3 ms, whole process within 20 ms, peak RSS within 2.5 MB
 //! (taken as 2.5 MiB = 2560 KiB), exit round trip within 5% of the bare loop.
 
-#[path = "../examples/bare_loop.rs"]
-#[allow(dead_code)] // the example's `main`
-mod bare_loop;
+mod common;
 
-use std::fmt::Write as _;
 use std::fs;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -94,71 +90,42 @@ use vmm_fleet::config::DEFAULT_CMDLINE;
 use vmm_fleet::vm::builtin::TINY_ELF;
 use vmm_fleet::vm::{Kernel, RunningVm, StopLatch, VmParams};
 
-const VMM: &str = env!("CARGO_BIN_EXE_vmm-fleet");
+use common::{
+    Expect, MEMORY_MIB, Res, Sample, Stats, Table, TempDir, VMM, builtin_yaml, host_line,
+    kvm_unavailable, ms, run_checked, time_bare, time_run_vm, verdict,
+};
+
 const QEMU: &str = "qemu-system-x86_64";
 const RUNS: usize = 20;
 const IO_RUNS: usize = 5;
 const IO_EXITS: u64 = 200_000;
-const MEMORY_MIB: u64 = 32;
 
 const TARGET_FIRST_BYTE_MS: f64 = 3.0;
 const TARGET_EXIT_MS: f64 = 20.0;
 const TARGET_RSS_KIB: f64 = 2560.0;
 const TARGET_EXIT_RATIO: f64 = 1.05;
 
-type Res<T> = Result<T, String>;
-
-/// One child process run.
-struct Sample {
-    first_byte: Option<Duration>,
-    exit: Duration,
-    peak_rss_kib: u64,
-    /// `peak_rss_kib` is VmHWM at the exit stop (false: `ru_maxrss` fallback).
-    hwm: bool,
-    /// Exit code, or None if a signal killed it.
-    code: Option<i32>,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-/// What a run must produce to count.
-struct Expect {
-    code: i32,
-    stdout_has: &'static str,
-}
-
 fn main() {
     let started = Instant::now();
-    if let Err(e) = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Some(e) = kvm_unavailable() {
         println!("run_vm bench skipped: cannot open /dev/kvm: {e}");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("vmm-fleet-bench-{}", std::process::id()));
-    let result = fs::create_dir_all(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))
-        .and_then(|()| bench(&dir));
-    let _ = fs::remove_dir_all(&dir);
+    // The directory is removed when `bench` returns.
+    let result = TempDir::new(&format!("vmm-fleet-bench-{}", std::process::id()))
+        .and_then(|dir| bench(dir.path()));
     if let Err(e) = result {
         eprintln!("run_vm bench failed: {e}");
         std::process::exit(1);
     }
-    println!(
-        "\ntotal bench wall time: {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    common::print_total(started);
 }
 
 fn bench(dir: &Path) -> Res<()> {
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "run_vm bench: {VMM}\nhost kernel {}, {} CPUs; medians and p90 (nearest rank); \
+        "run_vm bench: {VMM}\n{}; medians and p90 (nearest rank); \
          `*` = ru_maxrss fallback (ptrace refused)",
-        kernel.trim(),
-        thread::available_parallelism().map_or(0, |n| n.get())
+        host_line()
     );
     section_builtin(dir)?;
     section_io_exits(dir)?;
@@ -168,16 +135,6 @@ fn bench(dir: &Path) -> Res<()> {
 
 // ---------------------------------------------------------------------------------------
 // Section 1
-
-fn builtin_yaml(dir: &Path, name: &str, vcpus: u8, io_exits: u64, console: &str) -> Res<PathBuf> {
-    let path = dir.join(format!("{name}.yaml"));
-    let text = format!(
-        "name: {name}\nvcpus: {vcpus}\nmemory_mib: {MEMORY_MIB}\nkernel: builtin\n\
-         console: {console}\nbuiltin:\n  then: poweroff\n  io_exits: {io_exits}\n"
-    );
-    fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(path)
-}
 
 fn section_builtin(dir: &Path) -> Res<()> {
     println!(
@@ -255,28 +212,16 @@ fn guest_touched_kib(vcpus: u8) -> Res<u64> {
         .collect();
     let smaps = fs::read_to_string("/proc/self/smaps").map_err(|e| format!("smaps: {e}"));
     vm.shutdown().map_err(|e| format!("in-process VM: {e}"))?;
-    Ok(rss_of_mappings(&smaps?, &addrs))
+    rss_of_mappings(&smaps?, &addrs).map_err(|e| format!("smaps: {e}"))
 }
 
 /// Sum of `Rss:` over the smaps mappings that contain one of `addrs`.
-fn rss_of_mappings(smaps: &str, addrs: &[u64]) -> u64 {
-    let mut inside = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-')
-            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-        {
-            inside = addrs.iter().any(|&x| a <= x && x < b);
-        } else if inside && let Some(rest) = line.strip_prefix("Rss:") {
-            kib += rest
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    kib
+fn rss_of_mappings(smaps: &str, addrs: &[u64]) -> Res<u64> {
+    Ok(common::smaps_mappings(smaps)?
+        .iter()
+        .filter(|m| addrs.iter().any(|&x| m.start <= x && x < m.end))
+        .map(|m| m.rss_kib)
+        .sum())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -293,44 +238,15 @@ fn section_io_exits(dir: &Path) -> Res<()> {
         builtin_yaml(dir, "io-0", 1, 0, "off")?,
         builtin_yaml(dir, &format!("io-{IO_EXITS}"), 1, IO_EXITS, "off")?,
     ];
-    // The bare loop gets the command line run-vm builds for those YAML files.
-    let cmdlines = [0, IO_EXITS]
-        .map(|n| format!("{DEFAULT_CMDLINE} then=poweroff io_exits={n} heartbeat_ms=1000"));
-    let fleet_once = |yaml: &Path| -> Res<f64> {
-        let mut cmd = Command::new(VMM);
-        cmd.arg("run-vm").arg(yaml);
-        let s = run_checked(
-            &mut cmd,
-            false,
-            &Expect {
-                code: 0,
-                stdout_has: "",
-            },
-        )?;
-        Ok(ms(s.exit))
-    };
-    let bare_once = |cmdline: &str, n: u64| -> Res<f64> {
-        let t0 = Instant::now();
-        let r = bare_loop::run(cmdline).map_err(|e| format!("bare loop: {e}"))?;
-        let wall = t0.elapsed();
-        if r.io_exits < n || !String::from_utf8_lossy(&r.console).contains("poweroff") {
-            return Err(format!(
-                "bare loop {cmdline:?}: {} port-I/O exits, console {:?}",
-                r.io_exits,
-                String::from_utf8_lossy(&r.console)
-            ));
-        }
-        Ok(ms(wall))
-    };
     // Warm-up, with the cheap N = 0.
-    fleet_once(&yamls[0])?;
-    bare_once(&cmdlines[0], 0)?;
+    time_run_vm(&yamls[0])?;
+    time_bare(0)?;
     let mut fleet_ms = [Vec::new(), Vec::new()];
     let mut bare_ms = [Vec::new(), Vec::new()];
     for _ in 0..IO_RUNS {
         for (i, n) in [0, IO_EXITS].into_iter().enumerate() {
-            fleet_ms[i].push(fleet_once(&yamls[i])?);
-            bare_ms[i].push(bare_once(&cmdlines[i], n)?);
+            fleet_ms[i].push(time_run_vm(&yamls[i])?);
+            bare_ms[i].push(time_bare(n)?);
         }
     }
     let fleet = fleet_ms.map(|v| Stats::of(v.into_iter()));
@@ -525,186 +441,11 @@ fn sample_many(
     Ok(out)
 }
 
-/// One run that must meet `expect`.
-fn run_checked(cmd: &mut Command, trace: bool, expect: &Expect) -> Res<Sample> {
-    let desc = format!("{cmd:?}");
-    let s = run_once(cmd, trace).map_err(|e| format!("{desc}: {e}"))?;
-    let text = String::from_utf8_lossy(&s.stdout);
-    if s.code != Some(expect.code) || !text.contains(expect.stdout_has) {
-        return Err(format!(
-            "{desc}: exit code {:?} (expected {}), stdout {:?}, stderr {:?}",
-            s.code,
-            expect.code,
-            text,
-            String::from_utf8_lossy(&s.stderr)
-        ));
-    }
-    Ok(s)
-}
-
-/// Spawn `cmd` with stdout and stderr piped, time its first stdout byte and its exit,
-/// and (with `trace`) read its peak RSS at the ptrace exit stop.
-fn run_once(cmd: &mut Command, trace: bool) -> std::io::Result<Sample> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let t0 = Instant::now();
-    let mut child = cmd.spawn()?;
-    let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
-    let traced = trace && seize_for_exit(pid);
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out_reader = thread::spawn(move || {
-        let mut first = [0u8; 1];
-        let mut buf = Vec::new();
-        let at = match stdout.read(&mut first) {
-            Ok(1) => {
-                let at = Instant::now();
-                buf.push(first[0]);
-                Some(at)
-            }
-            _ => None,
-        };
-        let _ = stdout.read_to_end(&mut buf);
-        (at, buf)
-    });
-    let err_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
-    let mut hwm = None;
-    let (status, rusage) = loop {
-        let (status, rusage) = wait4(pid)?;
-        if traced && libc::WIFSTOPPED(status) {
-            let event = status >> 16;
-            let sig = if event == 0 {
-                // A signal-delivery stop: hand the signal on.
-                libc::WSTOPSIG(status)
-            } else {
-                if event == libc::PTRACE_EVENT_EXIT {
-                    hwm = vm_hwm_kib(pid);
-                }
-                0
-            };
-            ptrace_cont(pid, sig);
-            continue;
-        }
-        break (status, rusage);
-    };
-    let exit = t0.elapsed();
-    // `wait4` reaped it; `child` must not wait again (dropping a Child does not wait).
-    drop(child);
-    let (first_at, stdout) = out_reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
-    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-    Ok(Sample {
-        first_byte: first_at.map(|at| at.saturating_duration_since(t0)),
-        exit,
-        peak_rss_kib: hwm.unwrap_or(rusage.ru_maxrss.max(0) as u64),
-        hwm: hwm.is_some(),
-        code,
-        stdout,
-        stderr,
-    })
-}
-
-/// `wait4(pid, .., 0, ..)`, retried on EINTR: (status, rusage).
-fn wait4(pid: libc::pid_t) -> std::io::Result<(libc::c_int, libc::rusage)> {
-    let mut status: libc::c_int = 0;
-    // SAFETY: `rusage` is a plain C struct of integers; all zeroes is a valid value.
-    let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: `status` and `rusage` are valid for writes for the whole call; `pid` is
-        // our own child that nothing else reaps, so it cannot refer to another process.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
-        if r == pid {
-            return Ok((status, rusage));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// Attach to our child `pid` so that it stops at exit (`PTRACE_EVENT_EXIT`) with its
-/// memory still mapped. False if the kernel refuses.
-fn seize_for_exit(pid: libc::pid_t) -> bool {
-    // SAFETY: PTRACE_SEIZE reads no memory of ours: `addr` is unused and `data` is the
-    // option bits passed by value. `pid` is our unreaped child.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SEIZE,
-            pid,
-            std::ptr::null_mut::<libc::c_void>(),
-            libc::PTRACE_O_TRACEEXIT as libc::c_ulong,
-        )
-    };
-    r == 0
-}
-
-/// Resume a stopped tracee, delivering `sig` (0: none).
-fn ptrace_cont(pid: libc::pid_t, sig: libc::c_int) {
-    // SAFETY: PTRACE_CONT reads no memory of ours: `addr` is unused and `data` is the
-    // signal number passed by value. `pid` is our stopped, unreaped tracee.
-    unsafe {
-        libc::ptrace(
-            libc::PTRACE_CONT,
-            pid,
-            std::ptr::null_mut::<libc::c_void>(),
-            sig as libc::c_ulong,
-        );
-    }
-}
-
-/// `VmHWM` of `pid` in KiB.
-fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 // ---------------------------------------------------------------------------------------
 // Statistics and tables
 
-struct Stats {
-    median: f64,
-    p90: f64,
-}
-
-impl Stats {
-    fn of(v: impl Iterator<Item = f64>) -> Stats {
-        let mut v: Vec<f64> = v.collect();
-        if v.is_empty() {
-            return Stats {
-                median: f64::NAN,
-                p90: f64::NAN,
-            };
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        // Nearest rank: the smallest value with at least 90% of the samples at or below it.
-        let p90 = v[(n * 9).div_ceil(10).max(1) - 1];
-        Stats { median, p90 }
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn mib(kib: f64) -> String {
     format!("{:.2} MiB", kib / 1024.0)
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "MISSED" }
 }
 
 fn target_ms(median: f64, target: f64) -> String {
@@ -758,46 +499,4 @@ fn add_process_rows(t: &mut Table, prefix: &str, s: &[Sample]) {
         format!("{}{mark}", mib(rss.p90)),
         target_rss(rss.median),
     ]);
-}
-
-/// A left-aligned first column and right-aligned others.
-struct Table {
-    rows: Vec<Vec<String>>,
-}
-
-impl Table {
-    fn new(header: &[&str]) -> Table {
-        Table {
-            rows: vec![header.iter().map(|s| s.to_string()).collect()],
-        }
-    }
-
-    fn row(&mut self, r: Vec<String>) {
-        self.rows.push(r);
-    }
-
-    fn print(&self) {
-        let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
-        let width: Vec<usize> = (0..cols)
-            .map(|c| {
-                self.rows
-                    .iter()
-                    .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        for r in &self.rows {
-            let mut line = String::from(" ");
-            for (c, w) in width.iter().enumerate() {
-                let cell = r.get(c).map_or("", String::as_str);
-                let _ = if c == 0 {
-                    write!(line, " {cell:<w$}")
-                } else {
-                    write!(line, "  {cell:>w$}")
-                };
-            }
-            println!("{}", line.trim_end());
-        }
-    }
 }
