@@ -377,12 +377,7 @@ mod tests {
     fn spec(policy: RestartPolicy) -> RestartSpec {
         RestartSpec {
             policy,
-            backoff_initial_ms: 100,
-            backoff_max_ms: 30_000,
-            backoff_multiplier: 2.0,
-            start_limit_burst: 5,
-            start_limit_interval_s: 60,
-            stable_after_s: 10,
+            ..RestartSpec::default()
         }
     }
 
