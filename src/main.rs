@@ -9,13 +9,13 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use vmm_fleet::config::{FleetSettings, VmSpec};
-use vmm_fleet::metrics::counters::ExitCounters;
+use vmm_fleet::config::{FleetSettings, VmSpec, VmUser};
 use vmm_fleet::metrics::exporter::{Exporter, FleetMetrics};
 use vmm_fleet::protocol::ExitCode;
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
 use vmm_fleet::supervisor::{EventLog, FleetSource, STATE_NAMES, Supervisor};
-use vmm_fleet::vm::{StopCause, StopLatch, host_memory_mib, run_vm};
+use vmm_fleet::vm::jail::{self, Ids, Jail, OpenedVm};
+use vmm_fleet::vm::{RunningVm, StopCause, StopLatch, host_memory_mib, run_to_end};
 
 #[derive(Parser)]
 #[command(
@@ -66,9 +66,19 @@ enum Command {
         /// Fleet settings whose defaults apply to this VM.
         #[arg(long)]
         settings: Option<PathBuf>,
-        /// The shared exit-counter table the supervisor made for this VM.
+        /// The shared exit-counter table the supervisor made for this VM, as an
+        /// inherited fd.
         #[arg(long)]
-        counters: Option<PathBuf>,
+        counters_fd: Option<i32>,
+        /// Run the VM as this uid (set by a supervisor running as root).
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        /// Run the VM as this gid.
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
+        /// The VM's only supplementary group (kvm).
+        #[arg(long, requires = "uid")]
+        kvm_gid: Option<u32>,
         /// Read the VM's validated spec from stdin (set by the supervisor); FILE then
         /// only names it.
         #[arg(long)]
@@ -84,19 +94,23 @@ fn main() -> ProcessExit {
             vm,
             supervisor_pid,
             settings,
-            counters,
+            counters_fd,
+            uid,
+            gid,
+            kvm_gid,
             spec_stdin,
-        } => ProcessExit::from(
-            cmd_run_vm(
-                &file,
-                vm.as_deref(),
+        } => {
+            let ids = uid.zip(gid).map(|(uid, gid)| Ids { uid, gid, kvm_gid });
+            let child = RunVmArgs {
+                vm: vm.as_deref(),
                 supervisor_pid,
-                settings.as_deref(),
-                counters.as_deref(),
+                settings: settings.as_deref(),
+                counters_fd,
+                ids,
                 spec_stdin,
-            )
-            .code(),
-        ),
+            };
+            ProcessExit::from(cmd_run_vm(&file, &child).code())
+        }
         Command::Validate { dir, settings } => cmd_validate(&dir, settings),
         Command::Up {
             dir,
@@ -190,6 +204,7 @@ fn cmd_up(
     };
     let log = EventLog::default();
     log.line(6, &format!("metrics on http://{}/metrics", exporter.addr()));
+    log.line(6, &VmUser::describe(settings.vm_user.as_ref()));
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("vmm-fleet"));
     let mut sup =
         Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log).with_metrics(fleet);
@@ -198,41 +213,77 @@ fn cmd_up(
     ProcessExit::from(code as u8)
 }
 
-/// Tie this process to its supervisor: die with it, and name the process after the VM.
-fn attach_to_supervisor(vm: Option<&str>, supervisor_pid: Option<u32>) -> Result<(), String> {
-    if let Some(name) = vm {
-        let short: String = format!("vm:{name}").chars().take(15).collect();
-        if let Ok(c) = std::ffi::CString::new(short) {
-            let _ = nix::sys::prctl::set_name(&c);
-        }
-    }
-    if let Some(pid) = supervisor_pid {
-        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-            .map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
-        // The supervisor may have died before the line above: then we are orphaned.
-        if nix::unistd::getppid().as_raw() as u32 != pid {
-            return Err(format!("supervisor {pid} is gone"));
-        }
-    }
-    Ok(())
+/// What `run-vm` was told by its supervisor (all unset when run by hand).
+struct RunVmArgs<'a> {
+    vm: Option<&'a str>,
+    supervisor_pid: Option<u32>,
+    settings: Option<&'a Path>,
+    counters_fd: Option<i32>,
+    ids: Option<Ids>,
+    spec_stdin: bool,
 }
 
-fn cmd_run_vm(
+fn load_spec(file: &Path, a: &RunVmArgs<'_>) -> Result<VmSpec, String> {
+    if a.spec_stdin {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| format!("reading the VM spec from stdin: {e}"))?;
+        return VmSpec::from_wire(&text).map_err(|e| e.to_string());
+    }
+    match a.settings {
+        None => VmSpec::load(file),
+        Some(s) => FleetSettings::load(s, PathBuf::from("/")).and_then(|fs| fs.load_vm(file)),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// Open what the VM needs, lock the process down (jail), then run the VM.
+fn jailed_vm(
     file: &Path,
-    vm: Option<&str>,
-    supervisor_pid: Option<u32>,
-    settings: Option<&Path>,
-    counters: Option<&Path>,
-    spec_stdin: bool,
-) -> ExitCode {
+    a: &RunVmArgs<'_>,
+    started: std::time::Instant,
+) -> Result<(String, OpenedVm), String> {
+    jail::ignore_sighup().map_err(|e| e.to_string())?;
+    if let Some(name) = a.vm {
+        jail::name_process(name);
+    }
+    if let Some(pid) = a.supervisor_pid {
+        jail::die_with(pid).map_err(|e| e.to_string())?;
+    }
+    let spec = load_spec(file, a)?;
+    let table = a
+        .counters_fd
+        .map(jail::inherited_table)
+        .transpose()
+        .map_err(|e| format!("counter table: {e}"))?;
+    let opened = OpenedVm::open(&spec, table.map(Arc::new), started)
+        .map_err(|e| format!("vm {}: {e}", spec.name))?;
+    jail::lock_down(&Jail {
+        ids: a.ids,
+        supervisor_pid: a.supervisor_pid,
+        vcpus: spec.vcpus,
+    })
+    .map_err(|e| format!("vm {}: {e}", spec.name))?;
+    Ok((spec.name, opened))
+}
+
+fn cmd_run_vm(file: &Path, a: &RunVmArgs<'_>) -> ExitCode {
     let started = std::time::Instant::now();
     let latch = Arc::new(StopLatch::default());
     // Signals are caught before anything starts, so a SIGTERM during start-up still
-    // stops the VM through the vCPU shutdown path.
+    // stops the VM through the vCPU shutdown path. Their thread starts only after the
+    // privilege drop: the process must have one thread when it changes its uid.
     let mut signals = match Signals::new([SIGTERM, SIGINT]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vmm-fleet: cannot catch SIGTERM/SIGINT: {e}");
+            return ExitCode::VmmError;
+        }
+    };
+    let (name, opened) = match jailed_vm(file, a, started) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}");
             return ExitCode::VmmError;
         }
     };
@@ -244,38 +295,6 @@ fn cmd_run_vm(
                 l.set(StopCause::Signal(sig));
             }
         });
-    if let Err(e) = attach_to_supervisor(vm, supervisor_pid) {
-        eprintln!("vmm-fleet: {e}");
-        return ExitCode::VmmError;
-    }
-    let loaded = if spec_stdin {
-        let mut text = String::new();
-        match std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
-            Ok(_) => VmSpec::from_wire(&text),
-            Err(e) => {
-                eprintln!("vmm-fleet: reading the VM spec from stdin: {e}");
-                return ExitCode::VmmError;
-            }
-        }
-    } else {
-        match settings {
-            None => VmSpec::load(file),
-            Some(s) => FleetSettings::load(s, PathBuf::from("/")).and_then(|fs| fs.load_vm(file)),
-        }
-    };
-    let spec = match loaded {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vmm-fleet: {e}");
-            return ExitCode::VmmError;
-        }
-    };
-    let table = match counters.map(ExitCounters::open_shared).transpose() {
-        Ok(t) => t.map(Arc::new),
-        Err(e) => {
-            eprintln!("vmm-fleet: counter table: {e}");
-            return ExitCode::VmmError;
-        }
-    };
-    run_vm(&spec, latch, table, started, &mut std::io::stderr())
+    let vm = RunningVm::start_with(opened.kvm, opened.params, latch);
+    run_to_end(&name, vm, &mut std::io::stderr())
 }

@@ -1,7 +1,12 @@
-//! The contract between the supervisor and a VM child: the child's exit codes.
+//! The contract between the supervisor and a VM child: the child's exit codes and
+//! where it finds its counter table.
 //!
 //! A `run-vm` process ends with exactly one of these codes; the README tables them and
 //! the supervisor's restart policy reads them. This module imports nothing else of the crate.
+
+/// The fd a VM child finds its counter table at: the supervisor puts it there at spawn
+/// and passes `--counters-fd 3`; every other fd but 0, 1 and 2 is closed.
+pub const COUNTERS_FD: i32 = 3;
 
 /// How a VM process ended. The discriminant is the process exit code.
 #[repr(u8)]

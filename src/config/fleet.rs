@@ -55,6 +55,77 @@ pub struct FleetSettings {
     pub defaults: Option<Mapping>,
     /// The settings file these were read from (as given), `None` for built-in defaults.
     pub source: Option<PathBuf>,
+    /// The user every VM child runs as (`vm_user`), resolved when the settings are
+    /// loaded. `None`: children keep the supervisor's own user (it is not root, or
+    /// `vm_user` names that user). As root the default is `vmm-fleet` when that user
+    /// exists, else `nobody`; never root unless `vm_user: root` is written out.
+    pub vm_user: Option<VmUser>,
+}
+
+/// A resolved `vm_user`: the ids a VM child drops to before its guest runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmUser {
+    /// The user name.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+    /// The gid of group `kvm` when the host has one: the child's only supplementary group.
+    pub kvm_gid: Option<u32>,
+    /// Whether `vm_user` was written out (else it is the default).
+    pub explicit: bool,
+}
+
+impl VmUser {
+    /// Look up `name` in the user database (`None` when there is no such user).
+    pub fn lookup(name: &str, explicit: bool) -> Result<Option<VmUser>, String> {
+        let user = nix::unistd::User::from_name(name).map_err(|e| e.to_string())?;
+        let kvm_gid = nix::unistd::Group::from_name("kvm")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        Ok(user.map(|u| VmUser {
+            name: u.name,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+            kvm_gid,
+            explicit,
+        }))
+    }
+
+    /// The default when `vm_user` is not written: as root, `vmm-fleet` when it exists,
+    /// else `nobody`; `None` when this process is not root (children keep its user) or
+    /// neither user exists (reported by the loader).
+    pub fn default_for_this_process() -> Option<VmUser> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        ["vmm-fleet", "nobody"]
+            .into_iter()
+            .find_map(|n| VmUser::lookup(n, false).ok().flatten())
+    }
+
+    /// A line for the log saying whom VM children run as.
+    pub fn describe(user: Option<&VmUser>) -> String {
+        match user {
+            None => format!(
+                "VM children run as this process's user (uid {})",
+                nix::unistd::geteuid()
+            ),
+            Some(u) => format!(
+                "VM children run as user {} (uid {}, gid {}{}){}",
+                u.name,
+                u.uid,
+                u.gid,
+                u.kvm_gid
+                    .map_or(", no kvm group on this host".to_string(), |g| format!(
+                        ", supplementary group kvm ({g})"
+                    )),
+                if u.explicit { "" } else { " by default" }
+            ),
+        }
+    }
 }
 
 impl FleetSettings {
@@ -69,6 +140,7 @@ impl FleetSettings {
             startup_settle: Duration::from_millis(DEFAULT_STARTUP_SETTLE_MS),
             defaults: None,
             source: None,
+            vm_user: VmUser::default_for_this_process(),
         }
     }
 
@@ -176,6 +248,8 @@ struct RawSettings {
     startup_settle_ms: Option<i64>,
     #[serde(default)]
     defaults: Option<Value>,
+    #[serde(default)]
+    vm_user: Option<String>,
 }
 
 /// Outcome of reading a settings file.
@@ -211,6 +285,14 @@ fn read_settings(path: &Path, must_exist: bool, default_log_dir: PathBuf) -> Loa
                 .problems
                 .push(Problem::new(path, "", format!("cannot read: {why}")));
         }
+    }
+    if loaded.settings.vm_user.is_none() && nix::unistd::geteuid().is_root() {
+        loaded.problems.push(Problem::new(
+            path,
+            "vm_user",
+            "not set, and this host has neither a `vmm-fleet` nor a `nobody` user: name \
+             the unprivileged user VM children run as (`vm_user: root` keeps root)",
+        ));
     }
     loaded
 }
@@ -271,6 +353,7 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
                     memory_overcommit: raw.memory_overcommit.or(r.memory_overcommit),
                     startup_settle_ms: raw.startup_settle_ms.or(r.startup_settle_ms),
                     defaults: raw.defaults.or(r.defaults),
+                    vm_user: raw.vm_user.or(r.vm_user),
                 }
             }
         }
@@ -328,6 +411,12 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
     if let Some(b) = raw.memory_overcommit {
         s.memory_overcommit = b;
     }
+    if let Some(name) = raw.vm_user {
+        match resolve_vm_user(&name) {
+            Ok(u) => s.vm_user = u,
+            Err(why) => problem("vm_user", why),
+        }
+    }
     match raw.defaults {
         None | Some(Value::Null) => {}
         Some(Value::Mapping(m)) => {
@@ -350,6 +439,29 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
     };
     problems.sort_by_key(position);
     loaded.problems.append(&mut problems);
+}
+
+/// Resolve a written `vm_user`: an existing user; when this process is not root, only
+/// its own user (it cannot switch to another), which resolves to `None` (nothing to drop).
+fn resolve_vm_user(name: &str) -> Result<Option<VmUser>, String> {
+    if name.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    let user = VmUser::lookup(name, true)
+        .map_err(|e| format!("cannot look up user `{name}`: {e}"))?
+        .ok_or_else(|| format!("no user `{name}` on this host"))?;
+    let me = nix::unistd::geteuid();
+    if me.is_root() {
+        return Ok(Some(user));
+    }
+    if user.uid == me.as_raw() {
+        return Ok(None);
+    }
+    Err(format!(
+        "`{name}` (uid {}): the supervisor runs as uid {me}, not root, so VM children can \
+         only run as its own user; remove vm_user or run the supervisor as root",
+        user.uid
+    ))
 }
 
 /// Can `dir` be used as a log directory: it is one, or its parent is one?

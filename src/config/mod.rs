@@ -14,7 +14,7 @@ pub mod validate;
 
 pub use fleet::{
     DEFAULT_METRICS_ADDRESS, DEFAULT_STARTUP_SETTLE_MS, DEFAULT_STOP_GRACE_S, FleetSettings,
-    SETTINGS_FILE, STARTUP_SETTLE_MS_RANGE, STOP_GRACE_S_RANGE, load_fleet,
+    SETTINGS_FILE, STARTUP_SETTLE_MS_RANGE, STOP_GRACE_S_RANGE, VmUser, load_fleet,
 };
 
 use std::fmt;

@@ -250,6 +250,31 @@ impl ExitCounters {
         })
     }
 
+    /// Map a table created by [`ExitCounters::create_shared`] from an inherited fd (in
+    /// the VM child, which may no longer reopen `/proc/self/fd/N` once it has dropped its
+    /// privileges and is not dumpable). The mapping keeps the memory; the fd is closed.
+    pub fn open_shared_fd(fd: std::os::fd::OwnedFd) -> Result<Self, TableError> {
+        let file = std::fs::File::from(fd);
+        let len = file
+            .metadata()
+            .map_err(|source| TableError::Sys {
+                what: "stat counter table",
+                source,
+            })?
+            .len() as usize;
+        if len != table_words(MAX_VCPUS) * 8 {
+            return Err(TableError::BadTable);
+        }
+        let mapping = Mapping::map(&file, len / 8)?;
+        if mapping.words()[H_MAGIC].load(Ordering::Relaxed) != MAGIC {
+            return Err(TableError::BadTable);
+        }
+        Ok(ExitCounters {
+            rows: MAX_VCPUS,
+            backing: Backing::Shared(mapping),
+        })
+    }
+
     fn words(&self) -> &[AtomicU64] {
         match &self.backing {
             Backing::Heap(b) => b,

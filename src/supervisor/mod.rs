@@ -359,6 +359,7 @@ impl<S: Spawner> Supervisor<S> {
         let settle = self.settings.startup_settle;
         let settings_file = self.settings.source.clone();
         let log_dir = self.settings.log_dir.clone();
+        let user = self.settings.vm_user.clone();
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -368,6 +369,7 @@ impl<S: Spawner> Supervisor<S> {
             settings: settings_file.as_deref(),
             log_dir: &log_dir,
             counters: vm.table.as_ref().map(|(_, fd)| fd.as_fd()),
+            user: user.as_ref(),
         };
         match self.spawner.spawn(&req) {
             Ok(pid) => {

@@ -1,21 +1,31 @@
 //! Starting and signalling VM child processes, behind a small trait so the event loop
-//! can be driven by a fake in tests.
+//! can be driven by a fake in tests; the supervisor's half of each child's jail.
 //!
 //! A child is this same binary re-executed as `run-vm --vm NAME --supervisor-pid PID
-//! --spec-stdin --counters /proc/self/fd/N FILE`, so `ps` shows which process runs which
-//! VM. It gets the spec exactly as the supervisor validated it on stdin (an edit to FILE
-//! takes effect only through a reload), and its counter table as inherited fd N. Its
-//! stdout (the console) and stderr (its log) go to `LOG_DIR/NAME.console` and `.log`.
+//! --spec-stdin --counters-fd 3 [--uid U --gid G [--kvm-gid K]] FILE`, so `ps` shows
+//! which process runs which VM. It gets the spec exactly as the supervisor validated it
+//! on stdin (an edit to FILE takes effect only through a reload). Its stdout (the
+//! console) and stderr (its log) go to `LOG_DIR/NAME.console` and `.log`.
+//!
+//! Between fork and exec ([`ChildSetup`]) the child gets its own session (signals to the
+//! supervisor's process group or terminal never reach it), its counter table at fd 3
+//! and every other inherited fd but 0, 1, 2 closed at exec; it starts with an empty
+//! environment. The rest of the jail (user, rlimits, no_new_privs, not dumpable) is done
+//! by the child itself once it has opened what its VM needs (`vm::jail`).
 
-use std::fs::{self, OpenOptions};
-use std::io;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use nix::fcntl::{FcntlArg, fcntl};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::config::VmSpec;
+use crate::config::{VmSpec, VmUser};
+use crate::protocol::COUNTERS_FD;
 
 /// What a spawner needs to start one VM.
 pub struct SpawnRequest<'a> {
@@ -27,6 +37,8 @@ pub struct SpawnRequest<'a> {
     pub log_dir: &'a Path,
     /// The VM's shared counter table, inherited by the child.
     pub counters: Option<BorrowedFd<'a>>,
+    /// The user the child drops to (`None`: it keeps the supervisor's).
+    pub user: Option<&'a VmUser>,
 }
 
 /// Starts and signals VM children.
@@ -55,17 +67,16 @@ impl ProcessSpawner {
             log_dir.join(format!("{name}.log")),
         )
     }
-}
 
-impl Spawner for ProcessSpawner {
-    fn spawn(&mut self, req: &SpawnRequest<'_>) -> io::Result<u32> {
+    /// The child's stdout (console) and stderr (log).
+    fn outputs(req: &SpawnRequest<'_>) -> io::Result<(File, File)> {
         fs::create_dir_all(req.log_dir)?;
         let (console, log) = Self::log_files(req.log_dir, &req.spec.name);
         let open = |p: &Path| OpenOptions::new().create(true).append(true).open(p);
-        let spec = req
-            .spec
-            .to_wire()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok((open(&console)?, open(&log)?))
+    }
+
+    fn command(&self, req: &SpawnRequest<'_>, setup: &ChildSetup) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("vmm-fleet")
             .arg("run-vm")
@@ -74,25 +85,116 @@ impl Spawner for ProcessSpawner {
             .arg("--supervisor-pid")
             .arg(std::process::id().to_string())
             .arg("--spec-stdin");
-        if let Some(fd) = req.counters {
-            cmd.arg("--counters")
-                .arg(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        if setup.table.is_some() {
+            cmd.arg("--counters-fd").arg(COUNTERS_FD.to_string());
         }
-        cmd.arg(&req.spec.source)
-            .stdin(Stdio::piped())
-            .stdout(open(&console)?)
-            .stderr(open(&log)?);
-        // Only this VM's table crosses the exec: its fd loses close-on-exec just for
-        // this spawn (children are spawned from the supervisor's one loop thread).
-        let child = match req.counters {
-            Some(fd) => {
-                set_cloexec(fd, false)?;
-                let r = cmd.spawn();
-                set_cloexec(fd, true)?;
-                r?
+        if let Some(u) = req.user {
+            cmd.arg("--uid")
+                .arg(u.uid.to_string())
+                .arg("--gid")
+                .arg(u.gid.to_string());
+            if let Some(k) = u.kvm_gid {
+                cmd.arg("--kvm-gid").arg(k.to_string());
             }
-            None => cmd.spawn()?,
+        }
+        cmd.arg(&req.spec.source).env_clear();
+        cmd
+    }
+}
+
+/// The lowest fd the table is copied to before the fork: above 0..=2 (which the child's
+/// stdio setup overwrites) and above [`COUNTERS_FD`], so the move to fd 3 never clobbers
+/// anything the child keeps.
+const TABLE_COPY_MIN_FD: RawFd = 10;
+
+/// What a child does between fork and exec. Only async-signal-safe calls (raw system
+/// calls, no allocation, no locks): the supervisor has other threads.
+#[derive(Debug, Clone, Copy)]
+struct ChildSetup {
+    /// The counter table's fd in the supervisor (>= [`TABLE_COPY_MIN_FD`]).
+    table: Option<RawFd>,
+}
+
+impl ChildSetup {
+    fn apply(&self) -> io::Result<()> {
+        let check = |r: libc::c_int| {
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
         };
+        // SAFETY: setsid, dup2 and fcntl are async-signal-safe system calls on fds of
+        // this (single-threaded, just forked) process; they touch no memory of ours.
+        unsafe {
+            check(libc::setsid())?;
+            if let Some(fd) = self.table {
+                // dup2 leaves the new fd without close-on-exec.
+                check(libc::dup2(fd, COUNTERS_FD))?;
+            }
+        }
+        close_from_at_exec(COUNTERS_FD + 1)
+    }
+}
+
+/// Mark every fd from `first` up close-on-exec (close_range(CLOSE_RANGE_CLOEXEC), Linux
+/// 5.11+; a loop over the fd limit before that). Marking rather than closing keeps the
+/// pipe std uses to report a failed exec working.
+fn close_from_at_exec(first: RawFd) -> io::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let top = lim.rlim_cur.min(1 << 20) as RawFd;
+    for fd in first..top {
+        // SAFETY: F_SETFD on a closed fd just fails with EBADF; no memory is touched.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
+}
+
+impl Spawner for ProcessSpawner {
+    fn spawn(&mut self, req: &SpawnRequest<'_>) -> io::Result<u32> {
+        let (console, log) = Self::outputs(req)?;
+        let spec = req
+            .spec
+            .to_wire()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        // A close-on-exec copy of the table above the child's stdio; the child moves it
+        // to fd 3. The supervisor's own fd stays close-on-exec throughout.
+        let table: Option<OwnedFd> = req
+            .counters
+            .map(|fd| {
+                let copy = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(TABLE_COPY_MIN_FD))?;
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+                Ok::<_, nix::Error>(unsafe { OwnedFd::from_raw_fd(copy) })
+            })
+            .transpose()?;
+        let setup = ChildSetup {
+            table: table.as_ref().map(|fd| fd.as_raw_fd()),
+        };
+        let mut cmd = self.command(req, &setup);
+        cmd.stdin(Stdio::piped()).stdout(console).stderr(log);
+        // SAFETY: the closure makes only async-signal-safe calls (see ChildSetup).
+        unsafe { cmd.pre_exec(move || setup.apply()) };
+        let child = cmd.spawn()?;
+        drop(table);
         let pid = child.id();
         if let Some(mut stdin) = child.stdin {
             // A few hundred bytes: fits in the pipe, so this does not block. A child that
@@ -106,19 +208,4 @@ impl Spawner for ProcessSpawner {
         let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         kill(Pid::from_raw(pid), sig).map_err(io::Error::from)
     }
-}
-
-use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
-
-fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-    let flags = if on {
-        FdFlag::FD_CLOEXEC
-    } else {
-        FdFlag::empty()
-    };
-    fcntl(fd, FcntlArg::F_SETFD(flags)).map_err(io::Error::from)?;
-    Ok(())
 }

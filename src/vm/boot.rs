@@ -85,6 +85,16 @@ pub enum BootError {
         /// Why.
         source: std::io::Error,
     },
+    /// The kernel or initrd path is not a regular file (a FIFO, a device, a socket...).
+    #[error("{what} {path}: is {kind}, not a regular file")]
+    NotRegular {
+        /// `kernel` or `initrd`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
     /// Neither magic matched.
     #[error("kernel {0}: neither a bzImage nor an ELF image")]
     UnknownFormat(String),
@@ -107,10 +117,76 @@ pub enum BootError {
     Write(&'static str),
 }
 
+/// A kernel or initrd file, opened and checked to be a regular file (so a FIFO swapped
+/// in for it after validation cannot hang the VMM), kept open so it can be loaded after
+/// the process has dropped the privileges it opened it with.
+#[derive(Debug)]
+pub struct ImageFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl ImageFile {
+    /// Open `path` (O_NONBLOCK | O_CLOEXEC: opening a FIFO never waits for a writer),
+    /// then fstat it: a regular file only. `what` (`kernel`, `initrd`) names it in errors.
+    pub fn open(what: &'static str, path: &Path) -> Result<Self, BootError> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let io_err = |source| match what {
+            "initrd" => BootError::InitrdFile {
+                path: path.to_path_buf(),
+                source,
+            },
+            _ => BootError::KernelFile {
+                path: path.to_path_buf(),
+                source,
+            },
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(path)
+            .map_err(io_err)?;
+        let ft = file.metadata().map_err(io_err)?.file_type();
+        let kind = if ft.is_file() {
+            return Ok(ImageFile {
+                path: path.to_path_buf(),
+                file,
+            });
+        } else if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else {
+            "a special file"
+        };
+        Err(BootError::NotRegular {
+            what,
+            path: path.to_path_buf(),
+            kind,
+        })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file.
+    pub fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+}
+
 /// Where a kernel comes from.
 pub enum KernelImage<'a> {
-    /// A file on the host.
+    /// A file on the host (opened with [`ImageFile::open`]).
     File(&'a Path),
+    /// A file opened already.
+    Opened(&'a mut ImageFile),
     /// Bytes in our own binary (the built-in guest).
     Bytes(&'a str, &'a [u8]),
 }
@@ -433,6 +509,7 @@ pub fn build_boot_params(
 fn kernel_name(k: &KernelImage<'_>) -> String {
     match k {
         KernelImage::File(p) => p.display().to_string(),
+        KernelImage::Opened(f) => f.path.display().to_string(),
         KernelImage::Bytes(name, _) => (*name).to_string(),
     }
 }
@@ -445,16 +522,35 @@ pub fn load_guest(
     initrd: Option<&Path>,
     cmdline: &str,
 ) -> Result<BootInfo, BootError> {
+    let mut initrd = initrd.map(|p| ImageFile::open("initrd", p)).transpose()?;
+    load_guest_opened(mem, kernel, initrd.as_mut(), cmdline)
+}
+
+/// [`load_guest`] with an initramfs opened already (see [`ImageFile`]).
+pub fn load_guest_opened(
+    mem: &GuestMem,
+    kernel: KernelImage<'_>,
+    initrd: Option<&mut ImageFile>,
+    cmdline: &str,
+) -> Result<BootInfo, BootError> {
     let m = &mem.mem;
-    let loaded = match &kernel {
+    let kernel_name = kernel_name(&kernel);
+    let loaded = match kernel {
         KernelImage::File(path) => {
-            let mut f = File::open(path).map_err(|source| BootError::KernelFile {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            load_any(m, &path.display().to_string(), &mut f)?
+            let mut f = ImageFile::open("kernel", path)?;
+            load_any(m, &kernel_name, f.file())?
         }
-        KernelImage::Bytes(name, bytes) => load_any(m, name, &mut Cursor::new(*bytes))?,
+        KernelImage::Opened(f) => {
+            // Loading reads from the start, whatever an earlier load left the offset at.
+            f.file
+                .seek(std::io::SeekFrom::Start(0))
+                .map_err(|source| BootError::KernelFile {
+                    path: f.path.clone(),
+                    source,
+                })?;
+            load_any(m, &kernel_name, f.file())?
+        }
+        KernelImage::Bytes(name, bytes) => load_any(m, name, &mut Cursor::new(bytes))?,
     };
     let low_end = mem.low_ram_end();
     // linux-loader reports the end as an address, not a length.
@@ -464,7 +560,7 @@ pub fn load_guest(
         let (version, xloadflags) = (hdr.version, hdr.xloadflags);
         if version < 0x020c || xloadflags & 1 == 0 {
             return Err(BootError::Load {
-                what: kernel_name(&kernel),
+                what: kernel_name,
                 detail: format!(
                     "bzImage has boot protocol {version:#x} and xloadflags {xloadflags:#x}: no 64-bit entry point (needs 2.12+ with XLF_KERNEL_64)"
                 ),
@@ -485,11 +581,9 @@ pub fn load_guest(
 
     let initrd_placed = match initrd {
         None => None,
-        Some(path) => {
-            let mut f = File::open(path).map_err(|source| BootError::InitrdFile {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        Some(img) => {
+            let path = img.path.clone();
+            let f = img.file();
             let size = f
                 .metadata()
                 .map_err(|source| BootError::InitrdFile {
@@ -497,6 +591,11 @@ pub fn load_guest(
                     source,
                 })?
                 .len();
+            f.seek(std::io::SeekFrom::Start(0))
+                .map_err(|source| BootError::InitrdFile {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             let max = loaded
                 .setup_header
                 .map_or(0x7fff_ffff, |h| u64::from(h.initrd_addr_max))
@@ -510,8 +609,7 @@ pub fn load_guest(
                     low_end / 1024
                 )));
             }
-            let mut r = &mut f;
-            m.read_exact_volatile_from(GuestAddress(addr), &mut r, size as usize)
+            m.read_exact_volatile_from(GuestAddress(addr), f, size as usize)
                 .map_err(|_| BootError::Write("initramfs"))?;
             Some((addr, size))
         }

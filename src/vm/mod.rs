@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod builtin;
 pub mod devices;
+pub mod jail;
 pub mod kvm_vm;
 pub mod memory;
 pub mod mptable;
@@ -28,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{ConsoleSpec, KernelSpec, VmSpec};
 use crate::metrics::counters::ExitCounters;
 use crate::protocol::ExitCode;
-use boot::{BootError, KernelImage};
+use boot::{BootError, ImageFile, KernelImage};
 use devices::debug_port::{DEBUG_PORT, DebugPort};
 use devices::i8042::{I8042, I8042_DATA};
 use devices::power::{PowerDevice, SLEEP_CONTROL_PORT};
@@ -101,8 +102,24 @@ pub enum Kernel {
     Builtin,
     /// A bzImage or ELF vmlinux on the host.
     Path(PathBuf),
+    /// A bzImage or ELF vmlinux opened already (e.g. before dropping privileges).
+    Opened(ImageFile),
     /// An ELF or bzImage held in memory (name for messages, bytes).
     Bytes(String, Vec<u8>),
+}
+
+/// Which initramfs to load.
+pub enum Initrd {
+    /// A file on the host, opened when the VM starts.
+    Path(PathBuf),
+    /// A file opened already (e.g. before dropping privileges).
+    Opened(ImageFile),
+}
+
+impl From<PathBuf> for Initrd {
+    fn from(p: PathBuf) -> Self {
+        Initrd::Path(p)
+    }
 }
 
 /// Everything needed to build one VM.
@@ -114,7 +131,7 @@ pub struct VmParams {
     /// The kernel.
     pub kernel: Kernel,
     /// The initramfs.
-    pub initrd: Option<PathBuf>,
+    pub initrd: Option<Initrd>,
     /// The kernel command line as passed.
     pub cmdline: String,
     /// Where the guest's serial output goes.
@@ -130,7 +147,9 @@ pub struct VmParams {
 }
 
 impl VmParams {
-    /// Parameters for the VM a config file describes.
+    /// Parameters for the VM a config file describes. The console file, kernel and
+    /// initrd are opened here (kernel and initrd checked to be regular files), so the
+    /// caller may drop privileges before [`RunningVm::start_with`].
     pub fn from_spec(spec: &VmSpec) -> Result<Self, RunError> {
         let console: Box<dyn Write + Send> = match &spec.console {
             ConsoleSpec::Stdout => Box::new(std::io::stdout()),
@@ -157,13 +176,21 @@ impl VmParams {
                     spec.builtin.heartbeat_ms
                 ),
             ),
-            KernelSpec::Path(p) => (Kernel::Path(p.clone()), spec.cmdline.clone()),
+            KernelSpec::Path(p) => (
+                Kernel::Opened(ImageFile::open("kernel", p)?),
+                spec.cmdline.clone(),
+            ),
         };
+        let initrd = spec
+            .initrd
+            .as_deref()
+            .map(|p| ImageFile::open("initrd", p).map(Initrd::Opened))
+            .transpose()?;
         Ok(VmParams {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             kernel,
-            initrd: spec.initrd.clone(),
+            initrd,
             cmdline,
             console,
             extra_regions: Vec::new(),
@@ -228,6 +255,12 @@ fn start_stats_thread(
 impl RunningVm {
     /// Build the VM `p` describes and start its vCPUs; `latch` receives the stop cause.
     pub fn start(p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
+        let kvm = Kvm::new().map_err(RunError::NoKvm)?;
+        Self::start_with(kvm, p, latch)
+    }
+
+    /// [`RunningVm::start`] on `/dev/kvm` opened already (e.g. before dropping privileges).
+    pub fn start_with(kvm: Kvm, mut p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
         if p.vcpus == 0 {
             return Err(RunError::ZeroVcpus);
         }
@@ -239,7 +272,6 @@ impl RunningVm {
                 host,
             });
         }
-        let kvm = Kvm::new().map_err(RunError::NoKvm)?;
         let max = kvm
             .get_max_vcpus()
             .min(usize::from(mptable::MAX_SUPPORTED_CPUS));
@@ -253,12 +285,19 @@ impl RunningVm {
         let mut regions = ram_layout(p.memory_mib << 20);
         regions.extend(p.extra_regions.iter().copied());
         let mem = GuestMem::new(regions)?;
-        let (image, builtin) = match &p.kernel {
+        let (image, builtin) = match &mut p.kernel {
             Kernel::Builtin => (KernelImage::Bytes("builtin", builtin::BUILTIN_ELF), true),
             Kernel::Path(path) => (KernelImage::File(path), false),
+            Kernel::Opened(f) => (KernelImage::Opened(f), false),
             Kernel::Bytes(name, bytes) => (KernelImage::Bytes(name, bytes), false),
         };
-        let boot = boot::load_guest(&mem, image, p.initrd.as_deref(), &p.cmdline)?;
+        let mut initrd = match p.initrd.take() {
+            None => None,
+            Some(Initrd::Opened(f)) => Some(f),
+            Some(Initrd::Path(path)) => Some(ImageFile::open("initrd", &path)?),
+        };
+        let boot = boot::load_guest_opened(&mem, image, initrd.as_mut(), &p.cmdline)?;
+        drop(initrd);
 
         let started = p.started.unwrap_or_else(Instant::now);
         let counters = p
@@ -396,10 +435,20 @@ pub fn run_vm(
         p.started = Some(started);
         RunningVm::start(p, latch)
     });
+    run_to_end(&spec.name, started, log)
+}
+
+/// The rest of the `run-vm` process once the VM is started (or failed to): wait for the
+/// guest or a signal, shut down, log the outcome and return its exit code.
+pub fn run_to_end(
+    name: &str,
+    started: Result<RunningVm, RunError>,
+    log: &mut dyn Write,
+) -> ExitCode {
     let mut vm = match started {
         Ok(vm) => vm,
         Err(e) => {
-            let _ = writeln!(log, "vmm-fleet: vm {}: {e}", spec.name);
+            let _ = writeln!(log, "vmm-fleet: vm {name}: {e}");
             return e.exit_code();
         }
     };
@@ -408,13 +457,12 @@ pub fn run_vm(
     let mut code = exit_code_for(&cause);
     let _ = writeln!(
         log,
-        "vmm-fleet: vm {}: {} (exit code {})",
-        spec.name,
+        "vmm-fleet: vm {name}: {} (exit code {})",
         describe(&cause),
         code.code()
     );
     if let Err(e) = stopped {
-        let _ = writeln!(log, "vmm-fleet: vm {}: shutdown: {e}", spec.name);
+        let _ = writeln!(log, "vmm-fleet: vm {name}: shutdown: {e}");
         code = ExitCode::VmmError;
     }
     code
