@@ -78,6 +78,10 @@ pub enum JailError {
     /// The supervisor died before we could tie ourselves to it.
     #[error("supervisor {0} is gone")]
     Orphaned(u32),
+    /// Another thread runs already: glibc would signal it to change its ids too, and a
+    /// thread with a seccomp filter could die of that.
+    #[error("jail: {0} threads run before the privilege drop; it must come first")]
+    Threads(usize),
     /// The ids after the drop are not the ones asked for.
     #[error("jail: still uid {uid:?} gid {gid:?} after dropping to {want:?}")]
     NotDropped {
@@ -222,6 +226,10 @@ pub fn lock_down(jail: &Jail) -> Result<(), JailError> {
     set_rlimit(libc::RLIMIT_CORE, 0)?;
     set_rlimit(libc::RLIMIT_NOFILE, nofile_limit(jail.vcpus))?;
     if let Some(ids) = jail.ids {
+        let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+        if threads > 1 {
+            return Err(JailError::Threads(threads));
+        }
         drop_to(ids)?;
     }
     prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))?;
