@@ -133,8 +133,12 @@ pub fn inherited_table(fd: RawFd) -> Result<ExitCounters, TableError> {
         what: "counter table fd",
         source: e.into(),
     };
+    if fd < 0 {
+        return Err(not_open(nix::Error::EBADF));
+    }
     // Take ownership only of an fd that is open; keep it out of any exec.
-    // SAFETY: F_SETFD on a raw fd number touches no memory; a closed fd gives EBADF.
+    // SAFETY: `fd` is not -1; F_SETFD on a raw fd number touches no memory, and a
+    // closed fd gives EBADF.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(not_open)?;
     // SAFETY: `fd` is open (checked above) and this process was given it to own: nothing
