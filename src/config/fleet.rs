@@ -31,6 +31,15 @@ pub const STOP_GRACE_S_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
 pub const DEFAULT_STARTUP_SETTLE_MS: u64 = 500;
 /// Accepted range of `startup_settle_ms`.
 pub const STARTUP_SETTLE_MS_RANGE: std::ops::RangeInclusive<u64> = 0..=60_000;
+/// Default of `console_max_mib`.
+pub const DEFAULT_CONSOLE_MAX_MIB: u64 = 16;
+/// Accepted range of `console_max_mib`.
+pub const CONSOLE_MAX_MIB_RANGE: std::ops::RangeInclusive<u64> = 1..=4096;
+/// Default of `console_rate_kib_s`: far above a heartbeat or a Linux boot log, below a
+/// guest writing its UART in a loop (about 125 KB/s at 8 us per port-I/O exit here).
+pub const DEFAULT_CONSOLE_RATE_KIB_S: u64 = 32;
+/// Accepted range of `console_rate_kib_s`.
+pub const CONSOLE_RATE_KIB_S_RANGE: std::ops::RangeInclusive<u64> = 1..=1_048_576;
 
 /// Validated fleet-wide settings: the contents of the settings file, or the defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +69,12 @@ pub struct FleetSettings {
     /// `vm_user` names that user). As root the default is `vmm-fleet` when that user
     /// exists, else `nobody`; never root unless `vm_user: root` is written out.
     pub vm_user: Option<VmUser>,
+    /// Size cap of each VM's console and log file, in MiB (`console_max_mib`, 1..=4096,
+    /// default 16): at the cap the file is renamed to `.1` and a new one started.
+    pub console_max_mib: u64,
+    /// Rate limit of each VM's console + log output, in KiB/s (`console_rate_kib_s`,
+    /// 1..=1048576, default 32); bytes beyond it are dropped and counted.
+    pub console_rate_kib_s: u64,
 }
 
 /// A resolved `vm_user`: the ids a VM child drops to before its guest runs.
@@ -141,6 +156,8 @@ impl FleetSettings {
             defaults: None,
             source: None,
             vm_user: VmUser::default_for_this_process(),
+            console_max_mib: DEFAULT_CONSOLE_MAX_MIB,
+            console_rate_kib_s: DEFAULT_CONSOLE_RATE_KIB_S,
         }
     }
 
@@ -159,10 +176,7 @@ impl FleetSettings {
     /// Parses and validates one VM file with these settings' `defaults` applied (see
     /// [`validate::check_with`] for the merge rules).
     pub fn load_vm(&self, path: &Path) -> Result<VmSpec, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = super::read_checked(path)?;
         self.vm_from_yaml(&text, path)
     }
 
@@ -250,6 +264,10 @@ struct RawSettings {
     defaults: Option<Value>,
     #[serde(default)]
     vm_user: Option<String>,
+    #[serde(default)]
+    console_max_mib: Option<i64>,
+    #[serde(default)]
+    console_rate_kib_s: Option<i64>,
 }
 
 /// Outcome of reading a settings file.
@@ -269,21 +287,16 @@ fn read_settings(path: &Path, must_exist: bool, default_log_dir: PathBuf) -> Loa
         overcommit_invalid: false,
         problems: Vec::new(),
     };
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            loaded.settings.source = Some(path.to_path_buf());
-            parse_settings(&text, path, &mut loaded);
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => {}
-        Err(e) => {
-            let why = match e.kind() {
-                ErrorKind::NotFound => "no such file".to_string(),
-                ErrorKind::PermissionDenied => "permission denied".to_string(),
-                _ => e.to_string(),
-            };
-            loaded
+    let absent = matches!(path.symlink_metadata(), Err(e) if e.kind() == ErrorKind::NotFound);
+    if must_exist || !absent {
+        match super::files::read_config(path) {
+            Ok(text) => {
+                loaded.settings.source = Some(path.to_path_buf());
+                parse_settings(&text, path, &mut loaded);
+            }
+            Err(why) => loaded
                 .problems
-                .push(Problem::new(path, "", format!("cannot read: {why}")));
+                .push(Problem::new(path, "", format!("cannot read: {why}"))),
         }
     }
     if loaded.settings.vm_user.is_none() && nix::unistd::geteuid().is_root() {
@@ -307,7 +320,7 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
             validate::with_line(reason, text, &segments),
         ));
     };
-    let map = match serde_yaml::from_str::<Value>(text) {
+    let map = match super::files::parse_bounded(text) {
         Err(e) => {
             loaded.problems.push(validate::parse_problem(&e, file));
             return;
@@ -354,6 +367,8 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
                     startup_settle_ms: raw.startup_settle_ms.or(r.startup_settle_ms),
                     defaults: raw.defaults.or(r.defaults),
                     vm_user: raw.vm_user.or(r.vm_user),
+                    console_max_mib: raw.console_max_mib.or(r.console_max_mib),
+                    console_rate_kib_s: raw.console_rate_kib_s.or(r.console_rate_kib_s),
                 }
             }
         }
@@ -407,6 +422,18 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
         .and_then(|v| range("startup_settle_ms", v, &STARTUP_SETTLE_MS_RANGE))
     {
         s.startup_settle = Duration::from_millis(v);
+    }
+    if let Some(v) = raw
+        .console_max_mib
+        .and_then(|v| range("console_max_mib", v, &CONSOLE_MAX_MIB_RANGE))
+    {
+        s.console_max_mib = v;
+    }
+    if let Some(v) = raw
+        .console_rate_kib_s
+        .and_then(|v| range("console_rate_kib_s", v, &CONSOLE_RATE_KIB_S_RANGE))
+    {
+        s.console_rate_kib_s = v;
     }
     if let Some(b) = raw.memory_overcommit {
         s.memory_overcommit = b;

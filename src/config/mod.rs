@@ -9,12 +9,15 @@
 //!
 //! This module imports nothing else of the crate.
 
+pub mod files;
 mod fleet;
 pub mod validate;
 
 pub use fleet::{
-    DEFAULT_METRICS_ADDRESS, DEFAULT_STARTUP_SETTLE_MS, DEFAULT_STOP_GRACE_S, FleetSettings,
-    SETTINGS_FILE, STARTUP_SETTLE_MS_RANGE, STOP_GRACE_S_RANGE, VmUser, load_fleet,
+    CONSOLE_MAX_MIB_RANGE, CONSOLE_RATE_KIB_S_RANGE, DEFAULT_CONSOLE_MAX_MIB,
+    DEFAULT_CONSOLE_RATE_KIB_S, DEFAULT_METRICS_ADDRESS, DEFAULT_STARTUP_SETTLE_MS,
+    DEFAULT_STOP_GRACE_S, FleetSettings, SETTINGS_FILE, STARTUP_SETTLE_MS_RANGE,
+    STOP_GRACE_S_RANGE, VmUser, load_fleet,
 };
 
 use std::fmt;
@@ -353,10 +356,7 @@ impl VmSpec {
 
     /// Parses and validates one file; returns every problem found in it (not just the first).
     pub fn load(path: &Path) -> Result<VmSpec, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_checked(path)?;
         Self::from_yaml(&text, path)
     }
 
@@ -374,6 +374,20 @@ impl VmSpec {
     pub fn base_dir(&self) -> PathBuf {
         validate::base_dir(&self.source)
     }
+}
+
+/// Reads a VM or settings file with the checks of [`files::read_config`]; a refusal is
+/// one problem naming the file.
+fn read_checked(path: &Path) -> Result<String, ConfigError> {
+    if let Err(source) = path.symlink_metadata() {
+        return Err(ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    files::read_config(path).map_err(|why| {
+        ConfigError::from_problems(vec![Problem::new(path, "", format!("cannot read: {why}"))])
+    })
 }
 
 /// Is `path` a VM config file by name (`*.yaml` / `*.yml`, not hidden, not
@@ -444,10 +458,10 @@ fn load_vms(
     // (name, file) of every file whose name was valid, for the duplicate check.
     let mut names: Vec<(String, PathBuf)> = Vec::new();
     for file in files {
-        let text = match std::fs::read_to_string(&file) {
+        let text = match files::read_config(&file) {
             Ok(t) => t,
-            Err(e) => {
-                problems.push(Problem::new(&file, "", format!("cannot read: {e}")));
+            Err(why) => {
+                problems.push(Problem::new(&file, "", format!("cannot read: {why}")));
                 continue;
             }
         };

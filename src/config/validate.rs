@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
+use super::files::io_reason;
 use super::{
     BuiltinSpec, BuiltinThen, ConsoleSpec, DEFAULT_CMDLINE, HEARTBEAT_MS_RANGE, KernelSpec,
     MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB, Problem,
@@ -110,10 +111,19 @@ pub fn check(text: &str, source: &Path) -> Checked {
 /// one set of defaults can serve both kinds. Problems are reported against `source`; a
 /// problem about a value taken from the defaults says so.
 pub fn check_with(text: &str, source: &Path, defaults: Option<&Defaults>) -> Checked {
-    if matches!(
-        serde_yaml::from_str::<serde_yaml::Value>(text),
-        Ok(serde_yaml::Value::Null)
-    ) {
+    // Parsed once with a node bound first: the typed parse below then replays a file
+    // known to be small once its aliases are expanded.
+    let parsed = match super::files::parse_bounded(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return Checked {
+                spec: None,
+                name: None,
+                problems: vec![parse_problem(&e, source)],
+            };
+        }
+    };
+    if parsed.is_null() {
         return Checked {
             spec: None,
             name: None,
@@ -647,23 +657,15 @@ impl Validator<'_> {
         }
     }
 
-    /// Checks that `path` is an existing, readable regular file.
+    /// Checks that `path` is an existing, readable regular file (opened without
+    /// blocking, then checked with fstat: a FIFO is refused, never waited on).
     fn readable_file(&mut self, key: &str, path: &Path) -> bool {
-        let why = match fs::metadata(path) {
-            Err(e) => Some(io_reason(&e)),
-            Ok(m) if m.is_dir() => Some("is a directory, expected a file".to_string()),
-            Ok(m) if !m.is_file() => Some("is not a regular file".to_string()),
-            Ok(_) => match fs::File::open(path) {
-                Ok(_) => None,
-                Err(e) => Some(io_reason(&e)),
-            },
-        };
-        match why {
-            Some(why) => {
+        match super::files::open_regular(path) {
+            Err(why) => {
                 self.problem(key, format!("{}: {why}", path.display()));
                 false
             }
-            None => true,
+            Ok(_) => true,
         }
     }
 
@@ -853,14 +855,5 @@ impl Validator<'_> {
             start_limit_interval_s,
             stable_after_s,
         }
-    }
-}
-
-/// Short reason for an I/O error on a path ("no such file", "permission denied", ...).
-fn io_reason(e: &std::io::Error) -> String {
-    match e.kind() {
-        ErrorKind::NotFound => "no such file".to_string(),
-        ErrorKind::PermissionDenied => "permission denied".to_string(),
-        _ => e.to_string(),
     }
 }

@@ -1,0 +1,264 @@
+//! Reading the files a user hands us, without ever blocking or bloating the reader.
+//!
+//! VM files and the settings file must be regular files of at most [`MAX_CONFIG_BYTES`];
+//! kernels and initrds must be regular files. Every file is opened with `O_NONBLOCK`
+//! and checked with `fstat` on the open descriptor, so a FIFO, a device or a socket put
+//! in their place is refused at once instead of hanging the reader (and a file swapped
+//! after the check is still the one checked). YAML is parsed with a bound on its nodes
+//! counted *after* alias expansion ([`parse_bounded`]), on top of serde_yaml's own
+//! limits (nesting depth 128; alias replays at most 100 times the document's events).
+
+use std::cell::Cell;
+use std::fmt;
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_yaml::value::{Tag, TaggedValue};
+use serde_yaml::{Mapping, Value};
+
+/// Largest VM or settings file accepted, in bytes (1 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Most YAML nodes (scalars, sequences, mappings, counted after alias expansion) a VM
+/// or settings file may hold; a real one holds a few dozen.
+pub const MAX_YAML_NODES: usize = 10_000;
+
+/// What a file is when it is not a regular file, for messages.
+fn kind(m: &Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Short reason for an I/O error on a path ("no such file", "permission denied", ...).
+pub(super) fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// Opens `path` for reading without blocking (`O_NONBLOCK`: a FIFO opens at once) and
+/// checks on the open descriptor that it is a regular file. The error is a short reason
+/// such as `is a FIFO, not a regular file`, without the path.
+pub fn open_regular(path: &Path) -> Result<(File, Metadata), String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| io_reason(&e))?;
+    let meta = file.metadata().map_err(|e| io_reason(&e))?;
+    if !meta.is_file() {
+        return Err(match kind(&meta) {
+            "a directory" => "is a directory, expected a file".to_string(),
+            "not a regular file" => "is not a regular file".to_string(),
+            what => format!("is {what}, not a regular file"),
+        });
+    }
+    Ok((file, meta))
+}
+
+/// Reads a VM or settings file: a regular file of at most [`MAX_CONFIG_BYTES`], valid
+/// UTF-8. The error is a short reason without the path.
+pub fn read_config(path: &Path) -> Result<String, String> {
+    let (file, meta) = open_regular(path)?;
+    let too_big = |n: u64| {
+        format!(
+            "is {n} bytes, more than the {MAX_CONFIG_BYTES} bytes (1 MiB) a VM or settings file may have"
+        )
+    };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big(meta.len()));
+    }
+    // The file may grow after the fstat: read one byte past the limit at most.
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_reason(&e))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|_| "is not valid UTF-8 text".to_string())
+}
+
+/// Parses one YAML document into a [`Value`], failing as soon as it holds more than
+/// [`MAX_YAML_NODES`] nodes counting every alias expansion (so a "billion laughs"
+/// file is refused before it is expanded, not after).
+pub fn parse_bounded(text: &str) -> Result<Value, serde_yaml::Error> {
+    let left = Cell::new(MAX_YAML_NODES);
+    Counted(&left).deserialize(serde_yaml::Deserializer::from_str(text))
+}
+
+/// A [`Value`] builder that counts down the nodes it may still build.
+#[derive(Clone, Copy)]
+struct Counted<'a>(&'a Cell<usize>);
+
+impl Counted<'_> {
+    fn node<E: de::Error>(self) -> Result<(), E> {
+        match self.0.get().checked_sub(1) {
+            Some(n) => {
+                self.0.set(n);
+                Ok(())
+            }
+            None => Err(E::custom(format_args!(
+                "more than {MAX_YAML_NODES} YAML nodes (counting each use of an alias); \
+                 a VM file needs a few dozen"
+            ))),
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Counted<'_> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Counted<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        self.node()?;
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        self.node()?;
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        self.node()?;
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        self.node()?;
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        self.node()?;
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        self.node()?;
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.node()?;
+        Ok(Value::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        self.deserialize(d)
+    }
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        self.deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.node()?;
+        let mut v = Vec::new();
+        while let Some(e) = seq.next_element_seed(self)? {
+            v.push(e);
+        }
+        Ok(Value::Sequence(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.node()?;
+        let mut m = Mapping::new();
+        while let Some(k) = map.next_key_seed(self)? {
+            let v = map.next_value_seed(self)?;
+            m.insert(k, v);
+        }
+        Ok(Value::Mapping(m))
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        self.node()?;
+        let (tag, variant): (String, _) = data.variant()?;
+        let value = de::VariantAccess::newtype_variant_seed(variant, self)?;
+        Ok(Value::Tagged(Box::new(TaggedValue {
+            tag: Tag::new(tag),
+            value,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_plain_file_parses_like_serde_yaml_does() {
+        let text = "name: a\nvcpus: 2\nlist: [1, -2, 3.5, true, ~, x]\ntagged: !t 5\n";
+        let want: Value = serde_yaml::from_str(text).unwrap();
+        assert_eq!(parse_bounded(text).unwrap(), want);
+    }
+
+    #[test]
+    fn alias_expansion_is_counted_and_refused_early() {
+        // Nine levels of ten aliases each: 10^9 nodes once expanded.
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let t = Instant::now();
+        let e = parse_bounded(&text).unwrap_err().to_string();
+        assert!(e.contains("more than 10000 YAML nodes"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // serde_yaml's own repetition limit refuses it too, but only far later.
+        let few = "a: &a [1, 2]\nb: [*a, *a]\n";
+        assert!(parse_bounded(few).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_hits_serde_yamls_recursion_limit() {
+        let text = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+        let e = parse_bounded(&text).unwrap_err().to_string();
+        assert!(e.contains("recursion limit"), "{e}");
+    }
+
+    #[test]
+    fn fifos_and_big_files_are_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("vmm-fleet-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("x.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(
+            read_config(&fifo).unwrap_err(),
+            "is a FIFO, not a regular file"
+        );
+        let big = dir.join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+        assert!(read_config(&big).unwrap_err().contains("more than the"));
+        assert_eq!(
+            read_config(&dir).unwrap_err(),
+            "is a directory, expected a file"
+        );
+        let ok = dir.join("ok.yaml");
+        std::fs::write(&ok, "a: 1\n").unwrap();
+        assert_eq!(read_config(&ok).unwrap(), "a: 1\n");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
