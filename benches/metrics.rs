@@ -251,6 +251,7 @@ fn filled_fleet() -> Arc<FleetMetrics> {
                 memory_bytes: 32 << 20,
                 vcpus: RENDER_VCPUS as u64,
                 counters: Some(Arc::new(t)),
+                console_dropped: None,
             }
         })
         .collect();

@@ -12,8 +12,9 @@ use signal_hook::iterator::Signals;
 use vmm_fleet::config::{FleetSettings, VmSpec, VmUser};
 use vmm_fleet::metrics::exporter::{Exporter, FleetMetrics};
 use vmm_fleet::protocol::ExitCode;
+use vmm_fleet::supervisor::output::OutputHub;
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
-use vmm_fleet::supervisor::{EventLog, FleetSource, STATE_NAMES, Supervisor};
+use vmm_fleet::supervisor::{Event, EventLog, FleetSource, STATE_NAMES, Supervisor};
 use vmm_fleet::vm::jail::{self, Ids, Jail, OpenedVm};
 use vmm_fleet::vm::{RunningVm, StopCause, StopLatch, host_memory_mib, run_to_end};
 
@@ -180,11 +181,12 @@ fn cmd_up(
         }
     };
     let (tx, rx) = mpsc::channel();
+    let signal_tx = tx.clone();
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                if tx.send(sig).is_err() {
+                if signal_tx.send(Event::Signal(sig)).is_err() {
                     return;
                 }
             }
@@ -206,9 +208,17 @@ fn cmd_up(
     log.line(6, &format!("metrics on http://{}/metrics", exporter.addr()));
     log.line(6, &VmUser::describe(settings.vm_user.as_ref()));
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("vmm-fleet"));
-    let mut sup =
-        Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log).with_metrics(fleet);
-    let code = sup.run(&rx);
+    let output = match OutputHub::start() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm-fleet: cannot start the output thread: {e}; nothing started");
+            return ProcessExit::FAILURE;
+        }
+    };
+    let mut sup = Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log)
+        .with_metrics(fleet)
+        .with_output(output);
+    let code = sup.run(&rx, &tx);
     drop(exporter);
     ProcessExit::from(code as u8)
 }

@@ -5,7 +5,7 @@
  *  - every vCPU enters _start in 64-bit long mode, interrupts off, with
  *    RSI = guest-physical address of the Linux boot_params zero page;
  *  - configuration comes from the kernel command line (key=value tokens):
- *      then=poweroff|reset|crash|spin|idle   io_exits=N   heartbeat_ms=N
+ *      then=poweroff|reset|crash|spin|idle|flood   io_exits=N   heartbeat_ms=N
  *      touch=ADDR:N   ro_write=ADDR
  *  - output goes to the 16550 at I/O port 0x3f8, one whole line at a time;
  *  - the BSP writes 0x41 to port 0x80 once every vCPU listed in the MP
@@ -180,7 +180,7 @@ static void print_num(const char *prefix, u64 v)
 /* ------------------------------------------------------------------ */
 /* Command line                                                        */
 
-enum then_action { THEN_POWEROFF, THEN_RESET, THEN_CRASH, THEN_SPIN, THEN_IDLE };
+enum then_action { THEN_POWEROFF, THEN_RESET, THEN_CRASH, THEN_SPIN, THEN_IDLE, THEN_FLOOD };
 
 struct config {
     enum then_action then;
@@ -258,6 +258,8 @@ static void apply_token(struct config *cfg, const char *k, const char *ke, const
             cfg->then = THEN_SPIN;
         else if (span_eq(v, ve, "idle"))
             cfg->then = THEN_IDLE;
+        else if (span_eq(v, ve, "flood"))
+            cfg->then = THEN_FLOOD;
     } else if (span_eq(k, ke, "io_exits")) {
         if (parse_num(v, ve, &a))
             cfg->io_exits = a;
@@ -532,6 +534,14 @@ static __attribute__((noreturn)) void do_then(const struct config *cfg)
         idt_load();
         start_heartbeat(cfg->heartbeat_ms);
         idle_forever();
+    case THEN_FLOOD:
+        /* A guest writing its UART as fast as it can, forever: one port write (one
+         * VM exit) per byte. */
+        for (;;) {
+            static const char line[] =
+                "flood 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n";
+            serial_write(line, sizeof(line) - 1);
+        }
     case THEN_POWEROFF:
     default:
         print("poweroff");

@@ -72,6 +72,33 @@ pub fn open_regular(path: &Path) -> Result<(File, Metadata), String> {
     Ok((file, meta))
 }
 
+/// Is `dir` safe to hold console and log files: not writable by other users, unless it
+/// is sticky and ours (then no one else can rename or delete what we create there)?
+/// A directory that does not exist yet is fine: it is created mode 0750. The error is a
+/// short reason without the path.
+pub fn check_log_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_reason(&e)),
+    };
+    if !meta.is_dir() {
+        return Err("exists and is not a directory".to_string());
+    }
+    let mode = meta.mode();
+    let sticky_and_ours = mode & 0o1000 != 0 && meta.uid() == nix::unistd::geteuid().as_raw();
+    if mode & 0o002 != 0 && !sticky_and_ours {
+        return Err(format!(
+            "is writable by every user (mode {:o}) and is not a sticky directory of ours: \
+             another user could put a symlink or a FIFO where a console file goes; \
+             use a directory only the fleet's user can write",
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a VM or settings file: a regular file of at most [`MAX_CONFIG_BYTES`], valid
 /// UTF-8. The error is a short reason without the path.
 pub fn read_config(path: &Path) -> Result<String, String> {

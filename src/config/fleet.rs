@@ -231,6 +231,12 @@ pub fn load_fleet(
             None
         }
     };
+    let log_dir = &loaded.settings.log_dir;
+    if let Err(why) = super::files::check_log_dir(log_dir) {
+        let file = loaded.settings.source.as_deref().unwrap_or(dir);
+        let why = format!("{}: {why}", log_dir.display());
+        problems.push(Problem::new(file, "log_dir", why));
+    }
     let specs = super::load_vms(files, defaults.as_ref(), &mut problems);
     if let Some(avail) = host_memory_mib
         && !loaded.settings.memory_overcommit

@@ -125,19 +125,23 @@ pub enum BuiltinThen {
     Spin,
     /// Halt-loop forever.
     Idle,
+    /// Write to the UART in a loop, forever (a guest flooding its console).
+    Flood,
 }
 
 impl BuiltinThen {
     /// Every variant, in declaration order.
-    pub const ALL: [BuiltinThen; 5] = [
+    pub const ALL: [BuiltinThen; 6] = [
         BuiltinThen::Poweroff,
         BuiltinThen::Reset,
         BuiltinThen::Crash,
         BuiltinThen::Spin,
         BuiltinThen::Idle,
+        BuiltinThen::Flood,
     ];
 
-    /// The YAML spelling: `"poweroff"`, `"reset"`, `"crash"`, `"spin"` or `"idle"`.
+    /// The YAML spelling: `"poweroff"`, `"reset"`, `"crash"`, `"spin"`, `"idle"` or
+    /// `"flood"`.
     pub fn as_str(&self) -> &'static str {
         match self {
             BuiltinThen::Poweroff => "poweroff",
@@ -145,6 +149,7 @@ impl BuiltinThen {
             BuiltinThen::Crash => "crash",
             BuiltinThen::Spin => "spin",
             BuiltinThen::Idle => "idle",
+            BuiltinThen::Flood => "flood",
         }
     }
 

@@ -35,6 +35,9 @@ pub struct VmSnapshot {
     pub vcpus: u64,
     /// Its counter table (None if it could not be made: the VM is still reported).
     pub counters: Option<Arc<ExitCounters>>,
+    /// Bytes of its console/log output the supervisor dropped (rate limit), read at
+    /// scrape time; None when its output is not captured.
+    pub console_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// The fleet as last published by the supervisor.
@@ -75,6 +78,7 @@ struct Families {
     memory: IntGaugeVec,
     vcpus: IntGaugeVec,
     boot: GaugeVec,
+    console_dropped: IntCounterVec,
 }
 
 fn kvm_family_name(stat: &str) -> String {
@@ -160,6 +164,13 @@ impl Families {
                 ),
                 &["vm", "stage"],
             )?,
+            console_dropped: IntCounterVec::new(
+                Opts::new(
+                    "vmm_fleet_console_dropped_bytes_total",
+                    "Bytes of the VM's console and VMM log output dropped by the supervisor for going faster than console_rate_kib_s (or failing to be written).",
+                ),
+                &["vm"],
+            )?,
         })
     }
 
@@ -175,6 +186,7 @@ impl Families {
             &self.memory,
             &self.vcpus,
             &self.boot,
+            &self.console_dropped,
         ];
         v.extend(self.kvm.iter().map(|c| c as &dyn Collector));
         v
@@ -242,6 +254,11 @@ impl FleetCollector {
             }
             f.memory.with_label_values(&[n]).set(vm.memory_bytes as i64);
             f.vcpus.with_label_values(&[n]).set(vm.vcpus as i64);
+            if let Some(d) = &vm.console_dropped {
+                f.console_dropped
+                    .with_label_values(&[n])
+                    .inc_by(d.load(std::sync::atomic::Ordering::Relaxed));
+            }
             let (console, up) = vm.counters.as_ref().map_or((0, 0), |t| t.boot_ns());
             if console > 0 {
                 f.boot
@@ -404,6 +421,7 @@ mod tests {
             memory_bytes: 32 << 20,
             vcpus: 2,
             counters: Some(t),
+            console_dropped: Some(Arc::new(std::sync::atomic::AtomicU64::new(42))),
         }]);
         let registry = Registry::new();
         registry
@@ -422,6 +440,7 @@ mod tests {
             "vmm_fleet_vm_last_exit_code{vm=\"web\"} 137",
             "vmm_fleet_vm_memory_bytes{vm=\"web\"} 33554432",
             "vmm_fleet_vm_vcpus{vm=\"web\"} 2",
+            "vmm_fleet_console_dropped_bytes_total{vm=\"web\"} 42",
             "vmm_fleet_vm_boot_seconds{stage=\"first_console_byte\",vm=\"web\"} 0.001",
             "# TYPE vmm_fleet_vcpu_exits_total counter",
         ] {

@@ -4,13 +4,14 @@
 //! The loop waits on one channel fed by a signal thread (signal-hook), with a timeout
 //! set to the next timer (a backoff, a settle time, a kill deadline): no polling.
 
+pub mod output;
 pub mod policy;
 pub mod spawn;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -142,6 +143,24 @@ impl Vm {
     }
 }
 
+/// What the event loop waits for, on one channel.
+pub enum Event {
+    /// A signal, from the signal thread.
+    Signal(i32),
+    /// A reload's load, finished on its worker thread.
+    Loaded(Box<Result<(FleetSettings, Vec<VmSpec>), ConfigError>>),
+}
+
+/// Where a reload stands: its load runs off the event loop, so that reading a
+/// directory (whatever it holds) never delays signals and reaping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReloadState {
+    Idle,
+    Loading,
+    /// Loading, and another SIGHUP came meanwhile: load again once this one is done.
+    LoadingAndAgain,
+}
+
 /// A snapshot of one VM, for status output and metrics.
 #[derive(Debug, Clone)]
 pub struct VmStatus {
@@ -167,6 +186,12 @@ pub struct Supervisor<S: Spawner> {
     stopping: bool,
     metrics: Option<Arc<FleetMetrics>>,
     last_status: String,
+    /// The thread writing every child's console and log (None: not captured).
+    output: Option<output::OutputHub>,
+    /// A reload's load runs on a worker thread; another SIGHUP meanwhile is queued here.
+    reload: ReloadState,
+    /// Where loader threads send their result (set by `run`).
+    events: Option<Sender<Event>>,
 }
 
 /// Every state name, for the exporter.
@@ -205,7 +230,17 @@ impl<S: Spawner> Supervisor<S> {
             stopping: false,
             metrics: None,
             last_status: String::new(),
+            output: None,
+            reload: ReloadState::Idle,
+            events: None,
         }
+    }
+
+    /// Capture every child's stdout and stderr through `hub` (size cap, rotation, rate
+    /// limit).
+    pub fn with_output(mut self, hub: output::OutputHub) -> Self {
+        self.output = Some(hub);
+        self
     }
 
     /// Publish state to `metrics` after every change.
@@ -232,6 +267,7 @@ impl<S: Spawner> Supervisor<S> {
                     memory_bytes: vm.spec.memory_mib << 20,
                     vcpus: u64::from(vm.spec.vcpus),
                     counters: vm.table.as_ref().map(|t| t.0.clone()),
+                    console_dropped: self.output.as_ref().map(|o| o.dropped_counter(name)),
                 })
                 .collect();
             m.update(snap);
@@ -271,7 +307,11 @@ impl<S: Spawner> Supervisor<S> {
 
     /// Start every VM, then serve signals until a SIGTERM/SIGINT stop completes.
     /// Returns the process exit code.
-    pub fn run(&mut self, signals: &Receiver<i32>) -> i32 {
+    ///
+    /// `events` carries signals (from a signal thread) and reload results (sent on
+    /// `sender` by the loader threads this starts).
+    pub fn run(&mut self, events: &Receiver<Event>, sender: &Sender<Event>) -> i32 {
+        self.events = Some(sender.clone());
         let now = Instant::now();
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
@@ -283,8 +323,9 @@ impl<S: Spawner> Supervisor<S> {
             let timeout = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
-            match signals.recv_timeout(timeout) {
-                Ok(sig) => self.on_signal(sig),
+            match events.recv_timeout(timeout) {
+                Ok(Event::Signal(sig)) => self.on_signal(sig),
+                Ok(Event::Loaded(loaded)) => self.on_loaded(*loaded),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     if !self.stopping {
@@ -320,7 +361,7 @@ impl<S: Spawner> Supervisor<S> {
                     .line(6, &format!("signal {sig}: stopping every VM"));
                 self.begin_stop();
             }
-            SIGHUP => self.reload(),
+            SIGHUP => self.begin_reload(),
             _ => {}
         }
     }
@@ -360,6 +401,7 @@ impl<S: Spawner> Supervisor<S> {
         let settings_file = self.settings.source.clone();
         let log_dir = self.settings.log_dir.clone();
         let user = self.settings.vm_user.clone();
+        let limits = output::Limits::from_settings(&self.settings);
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -370,6 +412,7 @@ impl<S: Spawner> Supervisor<S> {
             log_dir: &log_dir,
             counters: vm.table.as_ref().map(|(_, fd)| fd.as_fd()),
             user: user.as_ref(),
+            output: self.output.as_ref().map(|o| (o, limits)),
         };
         match self.spawner.spawn(&req) {
             Ok(pid) => {
@@ -507,10 +550,56 @@ impl<S: Spawner> Supervisor<S> {
         }
     }
 
-    /// Re-read the directory: start added VMs, stop removed ones, restart changed ones,
-    /// leave the rest alone. A bad directory changes nothing.
+    /// SIGHUP: load the directory on a worker thread; its result comes back as
+    /// [`Event::Loaded`]. A SIGHUP while a load runs queues one more.
+    fn begin_reload(&mut self) {
+        match self.reload {
+            ReloadState::Idle => {}
+            ReloadState::Loading | ReloadState::LoadingAndAgain => {
+                self.reload = ReloadState::LoadingAndAgain;
+                return;
+            }
+        }
+        let Some(tx) = self.events.clone() else {
+            self.reload();
+            return;
+        };
+        let source = self.source.clone();
+        let spawned = std::thread::Builder::new()
+            .name("reload".into())
+            .spawn(move || {
+                let _ = tx.send(Event::Loaded(Box::new(source.load())));
+            });
+        match spawned {
+            Ok(_) => self.reload = ReloadState::Loading,
+            Err(e) => self
+                .log
+                .line(3, &format!("reload refused: cannot start the loader: {e}")),
+        }
+    }
+
+    fn on_loaded(&mut self, loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>) {
+        let again = self.reload == ReloadState::LoadingAndAgain;
+        self.reload = ReloadState::Idle;
+        if self.stopping {
+            return;
+        }
+        self.apply_reload(loaded);
+        if again {
+            self.begin_reload();
+        }
+    }
+
+    /// Re-read the directory on this thread and apply it (see [`Supervisor::apply_reload`]).
     pub fn reload(&mut self) {
-        let (settings, specs) = match self.source.load() {
+        let loaded = self.source.load();
+        self.apply_reload(loaded);
+    }
+
+    /// Apply a loaded directory: start added VMs, stop removed ones, restart changed
+    /// ones, leave the rest alone. A bad directory changes nothing.
+    pub fn apply_reload(&mut self, loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>) {
+        let (settings, specs) = match loaded {
             Ok(x) => x,
             Err(e) => {
                 self.log.line(3, "reload refused, nothing changed:");

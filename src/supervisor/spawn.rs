@@ -5,7 +5,8 @@
 //! --spec-stdin --counters-fd 3 [--uid U --gid G [--kvm-gid K]] FILE`, so `ps` shows
 //! which process runs which VM. It gets the spec exactly as the supervisor validated it
 //! on stdin (an edit to FILE takes effect only through a reload). Its stdout (the
-//! console) and stderr (its log) go to `LOG_DIR/NAME.console` and `.log`.
+//! console) and stderr (its log) are pipes read by the supervisor's output thread
+//! ([`super::output`]), which writes `LOG_DIR/NAME.console` and `.log`.
 //!
 //! Between fork and exec ([`ChildSetup`]) the child gets its own session (signals to the
 //! supervisor's process group or terminal never reach it), its counter table at fd 3
@@ -13,7 +14,6 @@
 //! environment. The rest of the jail (user, rlimits, no_new_privs, not dumpable) is done
 //! by the child itself once it has opened what its VM needs (`vm::jail`).
 
-use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -24,6 +24,7 @@ use nix::fcntl::{FcntlArg, fcntl};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::output::{Limits, OutputHub};
 use crate::config::{VmSpec, VmUser};
 use crate::protocol::COUNTERS_FD;
 
@@ -39,6 +40,9 @@ pub struct SpawnRequest<'a> {
     pub counters: Option<BorrowedFd<'a>>,
     /// The user the child drops to (`None`: it keeps the supervisor's).
     pub user: Option<&'a VmUser>,
+    /// The output thread that takes the child's stdout and stderr, with the VM's limits
+    /// (None: stdout discarded, stderr inherited).
+    pub output: Option<(&'a OutputHub, Limits)>,
 }
 
 /// Starts and signals VM children.
@@ -62,18 +66,7 @@ impl ProcessSpawner {
 
     /// The file names a VM's console and log go to.
     pub fn log_files(log_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        (
-            log_dir.join(format!("{name}.console")),
-            log_dir.join(format!("{name}.log")),
-        )
-    }
-
-    /// The child's stdout (console) and stderr (log).
-    fn outputs(req: &SpawnRequest<'_>) -> io::Result<(File, File)> {
-        fs::create_dir_all(req.log_dir)?;
-        let (console, log) = Self::log_files(req.log_dir, &req.spec.name);
-        let open = |p: &Path| OpenOptions::new().create(true).append(true).open(p);
-        Ok((open(&console)?, open(&log)?))
+        super::output::log_files(log_dir, name)
     }
 
     fn command(&self, req: &SpawnRequest<'_>, setup: &ChildSetup) -> Command {
@@ -171,7 +164,12 @@ fn close_from_at_exec(first: RawFd) -> io::Result<()> {
 
 impl Spawner for ProcessSpawner {
     fn spawn(&mut self, req: &SpawnRequest<'_>) -> io::Result<u32> {
-        let (console, log) = Self::outputs(req)?;
+        // Files checked and opened, pipes made, before anything starts.
+        let mut output = req
+            .output
+            .map(|(hub, limits)| hub.prepare(req.log_dir, &req.spec.name, limits))
+            .transpose()
+            .map_err(io::Error::other)?;
         let spec = req
             .spec
             .to_wire()
@@ -190,12 +188,31 @@ impl Spawner for ProcessSpawner {
             table: table.as_ref().map(|fd| fd.as_raw_fd()),
         };
         let mut cmd = self.command(req, &setup);
-        cmd.stdin(Stdio::piped()).stdout(console).stderr(log);
+        cmd.stdin(Stdio::piped());
+        match output.as_mut() {
+            Some(o) => {
+                let (out, err) = (o.child_stdout(), o.child_stderr());
+                cmd.stdout(out.map_or_else(Stdio::null, Stdio::from))
+                    .stderr(err.map_or_else(Stdio::null, Stdio::from));
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+            }
+        }
         // SAFETY: the closure makes only async-signal-safe calls (see ChildSetup).
         unsafe { cmd.pre_exec(move || setup.apply()) };
         let child = cmd.spawn()?;
         drop(table);
+        // The Command held the pipes' write ends: dropped with it, only the child has them.
+        drop(cmd);
         let pid = child.id();
+        if let Some(o) = output
+            && let Err(e) = o.attach()
+        {
+            // Its output has nowhere to go: the child gets EPIPE, the VM is stopped.
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            return Err(io::Error::other(e));
+        }
         if let Some(mut stdin) = child.stdin {
             // A few hundred bytes: fits in the pipe, so this does not block. A child that
             // died already just makes this fail; its exit is reaped as usual.

@@ -16,6 +16,7 @@ pub mod vcpu;
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -158,7 +159,17 @@ impl VmParams {
                 OpenOptions::new()
                     .create(true)
                     .append(true)
+                    .mode(0o640)
+                    // Never through a symlink; a FIFO is refused at open, not waited on.
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
                     .open(path)
+                    .and_then(|f| {
+                        if f.metadata()?.is_file() {
+                            Ok(f)
+                        } else {
+                            Err(std::io::Error::other("not a regular file"))
+                        }
+                    })
                     .map_err(|source| RunError::Console {
                         path: path.clone(),
                         source,

@@ -1,0 +1,606 @@
+//! The supervisor's one output thread: every VM child's stdout (its guest console) and
+//! stderr (its VMM log) arrive on pipes, and this thread alone writes them to the
+//! console and log files, with a size cap, one rotation and a rate limit.
+//!
+//! - One thread for the whole fleet: `poll(2)` over every child's pipe read ends plus an
+//!   eventfd that wakes it when a VM is attached; no thread per VM.
+//! - The read ends are non-blocking: a child that floods, stalls or closes its pipes
+//!   never blocks this thread, and never the event loop (which only opens files and
+//!   hands the pipes over).
+//! - Each file (`NAME.console`, `NAME.log`) is capped at `console_max_mib`: a write that
+//!   would pass the cap first renames the file to `NAME.console.1` (replacing the older
+//!   one) and starts a new file, so a VM holds at most twice the cap per stream.
+//! - A token bucket per VM (shared by its console and its log) lets `console_rate_kib_s`
+//!   through, with a burst of [`BURST_SECONDS`] of it; bytes beyond are read and dropped,
+//!   and counted in the VM's dropped-bytes counter (exported as
+//!   `vmm_fleet_console_dropped_bytes_total{vm}`).
+//! - Files are opened `O_NOFOLLOW | O_CLOEXEC | O_APPEND | O_CREAT`, mode 0640, and must be
+//!   regular files; the log directory is created mode 0750 and refused when others may
+//!   write it (see [`check_log_dir`]).
+
+use std::collections::HashMap;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::EventLog;
+use crate::config::FleetSettings;
+use crate::config::files::check_log_dir;
+
+/// Seconds of `console_rate_kib_s` a VM may write at once (its bucket's size): a Linux
+/// boot log or a burst of VMM messages passes whole.
+pub const BURST_SECONDS: u64 = 8;
+/// Bytes read from one pipe per poll round: every VM gets its turn.
+const CHUNK: usize = 64 * 1024;
+/// Reads per pipe when draining at shutdown.
+const FINAL_READS: usize = 16;
+
+/// A VM's output limits, from the fleet settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Size cap of each file, in bytes.
+    pub max_bytes: u64,
+    /// Rate limit of the VM's output, in bytes per second.
+    pub rate_bytes_per_s: u64,
+}
+
+impl Limits {
+    /// The limits `settings` give (`console_max_mib`, `console_rate_kib_s`).
+    pub fn from_settings(settings: &FleetSettings) -> Self {
+        Limits {
+            max_bytes: settings.console_max_mib.saturating_mul(1 << 20),
+            rate_bytes_per_s: settings.console_rate_kib_s.saturating_mul(1024),
+        }
+    }
+}
+
+/// Why a VM's output could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The log directory is unsafe or cannot be made.
+    #[error("log directory {}: {reason}", path.display())]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A console or log file cannot be opened.
+    #[error("{}: {reason}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The pipes cannot be made.
+    #[error("output pipe: {0}")]
+    Pipe(#[source] nix::Error),
+    /// The output thread is gone.
+    #[error("the output thread is gone")]
+    Gone,
+}
+
+/// The file names a VM's console and log go to.
+pub fn log_files(log_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (
+        log_dir.join(format!("{name}.console")),
+        log_dir.join(format!("{name}.log")),
+    )
+}
+
+/// `path` with `.1` appended: where it rotates to.
+fn rotated(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".1");
+    PathBuf::from(s)
+}
+
+/// Opens a console or log file for appending: never through a symlink, never anything
+/// but a regular file (a FIFO is refused without blocking), mode 0640 when created.
+pub fn open_log_file(path: &Path) -> Result<File, OutputError> {
+    let err = |reason: String| OutputError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            err(if e.raw_os_error() == Some(libc::ELOOP) {
+                "is a symbolic link; refusing to follow it".to_string()
+            } else {
+                e.to_string()
+            })
+        })?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("is not a regular file".to_string()));
+    }
+    Ok(file)
+}
+
+/// One capped file.
+struct Sink {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max: u64,
+    /// A write error was logged; stay quiet until a write works again.
+    failing: bool,
+}
+
+impl Sink {
+    fn open(path: PathBuf, max: u64) -> Result<Self, OutputError> {
+        let file = open_log_file(&path)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Sink {
+            path,
+            file,
+            size,
+            max,
+            failing: false,
+        })
+    }
+
+    /// Appends `buf` (at most [`CHUNK`] bytes, less than any cap), rotating first when
+    /// it would pass the cap.
+    fn write(&mut self, buf: &[u8]) -> Result<(), OutputError> {
+        if self.size > 0 && self.size.saturating_add(buf.len() as u64) > self.max {
+            self.rotate()?;
+        }
+        let keep = buf
+            .len()
+            .min(usize::try_from(self.max).unwrap_or(usize::MAX));
+        self.file
+            .write_all(&buf[..keep])
+            .map_err(|e| OutputError::File {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        self.size = self.size.saturating_add(keep as u64);
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), OutputError> {
+        std::fs::rename(&self.path, rotated(&self.path)).map_err(|e| OutputError::File {
+            path: self.path.clone(),
+            reason: format!("rotating to .1: {e}"),
+        })?;
+        self.file = open_log_file(&self.path)?;
+        self.size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(())
+    }
+}
+
+/// A token bucket: `rate` bytes per second, at most `cap` saved up.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    cap: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate_bytes_per_s: u64) -> Self {
+        let rate = rate_bytes_per_s as f64;
+        let cap = rate * BURST_SECONDS as f64;
+        Bucket {
+            tokens: cap,
+            rate,
+            cap,
+            last: Instant::now(),
+        }
+    }
+
+    /// How many of `n` bytes may pass now.
+    fn take(&mut self, n: usize, now: Instant) -> usize {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.cap);
+        let ok = (n as f64).min(self.tokens.floor()).max(0.0);
+        self.tokens -= ok;
+        ok as usize
+    }
+}
+
+/// Which file a pipe feeds.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Console,
+    Log,
+}
+
+/// A VM's files and limits, while one of its children still has a pipe open.
+struct VmOut {
+    console: Sink,
+    log: Sink,
+    bucket: Bucket,
+    dropped: Arc<AtomicU64>,
+    /// Pipes still open.
+    pipes: usize,
+    /// Dropping was announced.
+    dropping: bool,
+}
+
+/// One pipe read end.
+struct Stream {
+    vm: String,
+    kind: Kind,
+    pipe: File,
+}
+
+/// A VM's files and pipes, handed to the thread.
+struct Attach {
+    name: String,
+    console: Sink,
+    log: Sink,
+    pipes: [File; 2],
+    limits: Limits,
+    dropped: Arc<AtomicU64>,
+}
+
+enum Cmd {
+    Attach(Box<Attach>),
+    Stop,
+}
+
+/// The handle of the output thread.
+pub struct OutputHub {
+    tx: Sender<Cmd>,
+    /// Write end of the wake-up pipe (non-blocking: a full pipe already means "wake").
+    wake: File,
+    thread: Option<JoinHandle<()>>,
+    dropped: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl OutputHub {
+    /// Starts the output thread.
+    pub fn start() -> io::Result<Self> {
+        let flags = OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+        let (their_wake, wake) = nix::unistd::pipe2(flags).map_err(io::Error::from)?;
+        let (their_wake, wake) = (File::from(their_wake), File::from(wake));
+        let (tx, rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name("output".into())
+            .spawn(move || Worker::new(their_wake, rx).run())?;
+        Ok(OutputHub {
+            tx,
+            wake,
+            thread: Some(thread),
+            dropped: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The counter of bytes dropped from `name`'s output (one per VM name, for the life
+    /// of the supervisor: it never goes down, across restarts and edits).
+    pub fn dropped_counter(&self, name: &str) -> Arc<AtomicU64> {
+        let mut map = self.dropped.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Checks (and makes, mode 0750) the log directory, opens `name`'s console and log
+    /// files there and makes the two pipes; the child gets the write ends
+    /// ([`Prepared::child_stdout`], [`Prepared::child_stderr`]), then
+    /// [`Prepared::attach`] hands the rest to the thread.
+    pub fn prepare(
+        &self,
+        log_dir: &Path,
+        name: &str,
+        limits: Limits,
+    ) -> Result<Prepared<'_>, OutputError> {
+        let dir_err = |reason: String| OutputError::Dir {
+            path: log_dir.to_path_buf(),
+            reason,
+        };
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(log_dir)
+            .map_err(|e| dir_err(e.to_string()))?;
+        check_log_dir(log_dir).map_err(dir_err)?;
+        let (console, log) = log_files(log_dir, name);
+        let console = Sink::open(console, limits.max_bytes)?;
+        let log = Sink::open(log, limits.max_bytes)?;
+        let flags = OFlag::O_CLOEXEC;
+        let (out_r, out_w) = nix::unistd::pipe2(flags).map_err(OutputError::Pipe)?;
+        let (err_r, err_w) = nix::unistd::pipe2(flags).map_err(OutputError::Pipe)?;
+        for r in [&out_r, &err_r] {
+            nix::fcntl::fcntl(r.as_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(OutputError::Pipe)?;
+        }
+        Ok(Prepared {
+            hub: self,
+            attach: Box::new(Attach {
+                name: name.to_string(),
+                console,
+                log,
+                pipes: [File::from(out_r), File::from(err_r)],
+                limits,
+                dropped: self.dropped_counter(name),
+            }),
+            stdout: Some(out_w),
+            stderr: Some(err_w),
+        })
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), OutputError> {
+        self.tx.send(cmd).map_err(|_| OutputError::Gone)?;
+        match (&self.wake).write(&[1]) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Err(OutputError::Gone),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for OutputHub {
+    /// Stops the thread after it has read what the pipes hold now.
+    fn drop(&mut self) {
+        let _ = self.send(Cmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One VM's output, set up and waiting for its child to be spawned.
+pub struct Prepared<'a> {
+    hub: &'a OutputHub,
+    attach: Box<Attach>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+impl Prepared<'_> {
+    /// The write end the child gets as its stdout (once).
+    pub fn child_stdout(&mut self) -> Option<OwnedFd> {
+        self.stdout.take()
+    }
+
+    /// The write end the child gets as its stderr (once).
+    pub fn child_stderr(&mut self) -> Option<OwnedFd> {
+        self.stderr.take()
+    }
+
+    /// Hands the files and read ends to the output thread (the write ends left here are
+    /// closed: only the child holds them).
+    pub fn attach(self) -> Result<(), OutputError> {
+        self.hub.send(Cmd::Attach(self.attach))
+    }
+}
+
+/// The thread's state.
+struct Worker {
+    /// Read end of the wake-up pipe.
+    wake: File,
+    rx: Receiver<Cmd>,
+    vms: HashMap<String, VmOut>,
+    streams: Vec<Stream>,
+    log: EventLog,
+    buf: Vec<u8>,
+}
+
+impl Worker {
+    fn new(wake: File, rx: Receiver<Cmd>) -> Self {
+        Worker {
+            wake,
+            rx,
+            vms: HashMap::new(),
+            streams: Vec::new(),
+            log: EventLog::default(),
+            buf: vec![0; CHUNK],
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let ready = match self.wait() {
+                Ok(r) => r,
+                Err(e) => {
+                    self.log.line(3, &format!("output thread: poll: {e}"));
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let (wake, ready) = ready;
+            // Highest index first, so that closing a stream keeps the others' indices.
+            for i in ready.into_iter().rev() {
+                if !self.read_once(i) {
+                    self.close(i);
+                }
+            }
+            if wake && !self.commands() {
+                self.drain();
+                return;
+            }
+        }
+    }
+
+    /// Polls; returns whether the wake fd fired and the indices of readable streams.
+    fn wait(&self) -> Result<(bool, Vec<usize>), Errno> {
+        let ev = PollFlags::POLLIN;
+        let mut fds = Vec::with_capacity(self.streams.len() + 1);
+        fds.push(PollFd::new(self.wake.as_fd(), ev));
+        fds.extend(self.streams.iter().map(|s| PollFd::new(s.pipe.as_fd(), ev)));
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => break,
+            }
+        }
+        let fired = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        let wake = fired(&fds[0]);
+        let ready = fds[1..]
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| fired(f))
+            .map(|(i, _)| i)
+            .collect();
+        Ok((wake, ready))
+    }
+
+    /// Takes every queued command; false on Stop.
+    fn commands(&mut self) -> bool {
+        let mut sink = [0u8; 64];
+        while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Cmd::Stop => return false,
+                Cmd::Attach(a) => self.attach(*a),
+            }
+        }
+        true
+    }
+
+    fn attach(&mut self, a: Attach) {
+        let Attach {
+            name,
+            console,
+            log,
+            pipes: [out, err],
+            limits,
+            dropped,
+        } = a;
+        match self.vms.get_mut(&name) {
+            // A restarted VM while its old child's pipe is still open: it writes to the
+            // files just opened (the log directory or limits may have changed).
+            Some(vm) => {
+                vm.console = console;
+                vm.log = log;
+                if vm.bucket.rate != limits.rate_bytes_per_s as f64 {
+                    vm.bucket = Bucket::new(limits.rate_bytes_per_s);
+                }
+                vm.dropped = dropped;
+                vm.pipes += 2;
+            }
+            None => {
+                let vm = VmOut {
+                    console,
+                    log,
+                    bucket: Bucket::new(limits.rate_bytes_per_s),
+                    dropped,
+                    pipes: 2,
+                    dropping: false,
+                };
+                self.vms.insert(name.clone(), vm);
+            }
+        }
+        self.streams.push(Stream {
+            vm: name.clone(),
+            kind: Kind::Console,
+            pipe: out,
+        });
+        self.streams.push(Stream {
+            vm: name,
+            kind: Kind::Log,
+            pipe: err,
+        });
+    }
+
+    /// Reads once from stream `i` and writes what the limit lets through; false when the
+    /// pipe is finished (end of file or an error).
+    fn read_once(&mut self, i: usize) -> bool {
+        let Some(s) = self.streams.get_mut(i) else {
+            return false;
+        };
+        let n = match s.pipe.read(&mut self.buf) {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return true;
+            }
+            Err(_) => return false,
+        };
+        let (name, kind) = (s.vm.clone(), s.kind);
+        let Some(vm) = self.vms.get_mut(&name) else {
+            return false;
+        };
+        let ok = vm.bucket.take(n, Instant::now());
+        if ok < n {
+            vm.dropped.fetch_add((n - ok) as u64, Ordering::Relaxed);
+            if !vm.dropping {
+                vm.dropping = true;
+                self.log.vm(
+                    4,
+                    &name,
+                    "output faster than console_rate_kib_s: dropping the excess \
+                     (counted in vmm_fleet_console_dropped_bytes_total)",
+                );
+            }
+        }
+        if ok > 0 {
+            let sink = match kind {
+                Kind::Console => &mut vm.console,
+                Kind::Log => &mut vm.log,
+            };
+            match sink.write(&self.buf[..ok]) {
+                Ok(()) => sink.failing = false,
+                Err(e) => {
+                    vm.dropped.fetch_add(ok as u64, Ordering::Relaxed);
+                    if !sink.failing {
+                        sink.failing = true;
+                        self.log.vm(3, &name, &format!("output dropped: {e}"));
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn close(&mut self, i: usize) {
+        if i >= self.streams.len() {
+            return;
+        }
+        let s = self.streams.swap_remove(i);
+        if let Some(vm) = self.vms.get_mut(&s.vm) {
+            vm.pipes = vm.pipes.saturating_sub(1);
+            if vm.pipes == 0 {
+                self.vms.remove(&s.vm);
+            }
+        }
+    }
+
+    /// At shutdown: read what the pipes hold now, then stop.
+    fn drain(&mut self) {
+        for i in (0..self.streams.len()).rev() {
+            for _ in 0..FINAL_READS {
+                let before = self.streams.len();
+                if !self.read_once(i) {
+                    self.close(i);
+                    break;
+                }
+                if self.streams.len() != before || self.pipe_empty(i) {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn pipe_empty(&self, i: usize) -> bool {
+        let Some(s) = self.streams.get(i) else {
+            return true;
+        };
+        let mut fds = [PollFd::new(s.pipe.as_fd(), PollFlags::POLLIN)];
+        !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
