@@ -160,6 +160,14 @@ fn output_beyond_the_rate_limit_is_dropped_and_counted() {
     let dir = scratch("flood-rate");
     std::fs::write(dir.join("fleet.yaml"), "console_rate_kib_s: 1\n").unwrap();
     vm_file(&dir, "fl", "  then: flood\n");
+    // A VM with its own console file: under `up` the supervisor writes that file too,
+    // with the same limits.
+    std::fs::write(
+        dir.join("own.yaml"),
+        "name: own\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: own.console\n\
+         builtin:\n  then: flood\n",
+    )
+    .unwrap();
     let mut fleet = Fleet::up(&dir);
     let addr = fleet.addr();
     let start = Instant::now();
@@ -184,6 +192,15 @@ fn output_beyond_the_rate_limit_is_dropped_and_counted() {
         written <= allowed,
         "{written} bytes written, the limit allows {allowed}"
     );
+    assert!(
+        wait_until(Duration::from_secs(60), || dropped(addr, "own")
+            .is_some_and(|d| d > 10_000)),
+        "own: no dropped bytes counted"
+    );
+    let own = size(&dir.join("own.console"));
+    let allowed = 8 * 1024 + 1024 * (start.elapsed().as_secs() + 2);
+    assert!(own > 0 && own <= allowed, "own.console: {own} bytes");
+    assert!(!dir.join("logs/own.console").exists());
     assert!(fleet.count("dropping the excess") >= 1, "{}", fleet.log());
     stop(&mut fleet);
 }
@@ -229,9 +246,8 @@ fn a_symlinked_console_path_is_refused_and_its_target_left_alone() {
     vm_file(&dir, "vm", "  then: idle\n");
     let mut fleet = Fleet::up(&dir);
     assert!(
-        fleet.wait_for(Duration::from_secs(30), |f| f.count(
-            "vm vm: cannot start:"
-        ) >= 1),
+        fleet.wait_for(Duration::from_secs(30), |f| f.count("vm vm: cannot start:")
+            >= 1),
         "{}",
         fleet.log()
     );
@@ -357,7 +373,10 @@ fn a_fifo_as_kernel_is_refused_at_validate() {
         "name: vm\nvcpus: 1\nmemory_mib: 64\nkernel: vmlinux\n",
     )
     .unwrap();
-    let (o, took) = run(&["validate", dir.to_str().unwrap()], Duration::from_secs(30));
+    let (o, took) = run(
+        &["validate", dir.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(

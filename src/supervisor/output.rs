@@ -35,8 +35,8 @@ use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::EventLog;
-use crate::config::FleetSettings;
 use crate::config::files::check_log_dir;
+use crate::config::{ConsoleSpec, FleetSettings, VmSpec};
 
 /// Seconds of `console_rate_kib_s` a VM may write at once (its bucket's size): a Linux
 /// boot log or a burst of VMM messages passes whole.
@@ -297,12 +297,17 @@ impl OutputHub {
     /// files there and makes the two pipes; the child gets the write ends
     /// ([`Prepared::child_stdout`], [`Prepared::child_stderr`]), then
     /// [`Prepared::attach`] hands the rest to the thread.
+    ///
+    /// A VM whose spec names a console file (`console: FILE`) gets that file instead of
+    /// `NAME.console`, written by this thread with the same cap and rate limit; its child
+    /// is then told to write its console to stdout ([`Prepared::child_spec`]).
     pub fn prepare(
         &self,
         log_dir: &Path,
-        name: &str,
+        spec: &VmSpec,
         limits: Limits,
     ) -> Result<Prepared<'_>, OutputError> {
+        let name = spec.name.as_str();
         let dir_err = |reason: String| OutputError::Dir {
             path: log_dir.to_path_buf(),
             reason,
@@ -313,7 +318,14 @@ impl OutputHub {
             .create(log_dir)
             .map_err(|e| dir_err(e.to_string()))?;
         check_log_dir(log_dir).map_err(dir_err)?;
-        let (console, log) = log_files(log_dir, name);
+        let (mut console, log) = log_files(log_dir, name);
+        let mut child_spec = None;
+        if let ConsoleSpec::File(path) = &spec.console {
+            console = path.clone();
+            let mut s = spec.clone();
+            s.console = ConsoleSpec::Stdout;
+            child_spec = Some(s);
+        }
         let console = Sink::open(console, limits.max_bytes)?;
         let log = Sink::open(log, limits.max_bytes)?;
         let flags = OFlag::O_CLOEXEC;
@@ -335,6 +347,7 @@ impl OutputHub {
             }),
             stdout: Some(out_w),
             stderr: Some(err_w),
+            child_spec,
         })
     }
 
@@ -363,9 +376,16 @@ pub struct Prepared<'a> {
     attach: Box<Attach>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    child_spec: Option<VmSpec>,
 }
 
 impl Prepared<'_> {
+    /// The spec to hand the child when it differs from the VM's (its console file is
+    /// written by this thread, so the child writes its console to stdout).
+    pub fn child_spec(&self) -> Option<&VmSpec> {
+        self.child_spec.as_ref()
+    }
+
     /// The write end the child gets as its stdout (once).
     pub fn child_stdout(&mut self) -> Option<OwnedFd> {
         self.stdout.take()
@@ -602,5 +622,111 @@ impl Worker {
         };
         let mut fds = [PollFd::new(s.pipe.as_fd(), PollFlags::POLLIN)];
         !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("vmm-fleet-output-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_bucket_lets_its_burst_then_its_rate_through() {
+        let mut b = Bucket::new(1000);
+        let t0 = b.last;
+        assert_eq!(b.take(5000, t0), 5000);
+        assert_eq!(b.take(5000, t0), 3000, "8 s of burst in all");
+        assert_eq!(b.take(5000, t0), 0);
+        assert_eq!(b.take(5000, t0 + Duration::from_millis(500)), 500);
+        assert_eq!(
+            b.take(100_000, t0 + Duration::from_secs(60)),
+            8000,
+            "capped"
+        );
+    }
+
+    #[test]
+    fn a_sink_rotates_once_at_its_cap() {
+        let d = scratch("rotate");
+        let path = d.join("vm.console");
+        let mut s = Sink::open(path.clone(), 1000).unwrap();
+        for _ in 0..25 {
+            s.write(&[b'x'; 300]).unwrap();
+            let (a, b) = (
+                std::fs::metadata(&path).unwrap().len(),
+                std::fs::metadata(rotated(&path)).map_or(0, |m| m.len()),
+            );
+            assert!(a <= 1000 && b <= 1000, "{a} {b}");
+        }
+        assert_eq!(std::fs::metadata(rotated(&path)).unwrap().len(), 900);
+        assert!(!d.join("vm.console.1.1").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn symlinks_and_fifos_are_refused_without_blocking() {
+        let d = scratch("refuse");
+        let target = d.join("target");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, d.join("link")).unwrap();
+        let e = open_log_file(&d.join("link")).unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        nix::unistd::mkfifo(
+            &d.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        // No reader: a blocking open for writing would hang here.
+        assert!(open_log_file(&d.join("fifo")).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_flooding_pipe_is_cut_to_the_rate_and_counted() {
+        let d = scratch("hub");
+        let hub = OutputHub::start().unwrap();
+        let mut spec = crate::config::VmSpec::from_yaml(
+            "name: v\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\n",
+            &d.join("v.yaml"),
+        )
+        .unwrap();
+        spec.console = ConsoleSpec::Stdout;
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            rate_bytes_per_s: 1024,
+        };
+        let mut p = hub.prepare(&d.join("logs"), &spec, limits).unwrap();
+        let mut out = File::from(p.child_stdout().unwrap());
+        drop(p.child_stderr());
+        p.attach().unwrap();
+        for _ in 0..64 {
+            out.write_all(&[b'y'; 4096]).unwrap();
+        }
+        drop(out);
+        let counter = hub.dropped_counter("v");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while counter.load(Ordering::Relaxed) + 8192 < 64 * 4096 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(hub);
+        let written = std::fs::metadata(d.join("logs/v.console")).unwrap().len();
+        let dropped = counter.load(Ordering::Relaxed);
+        assert!((8192..=8192 + 1024 * 21).contains(&written), "{written}");
+        assert_eq!(written + dropped, 64 * 4096);
+        let mode = std::fs::metadata(d.join("logs")).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o750
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -167,11 +167,13 @@ impl Spawner for ProcessSpawner {
         // Files checked and opened, pipes made, before anything starts.
         let mut output = req
             .output
-            .map(|(hub, limits)| hub.prepare(req.log_dir, &req.spec.name, limits))
+            .map(|(hub, limits)| hub.prepare(req.log_dir, req.spec, limits))
             .transpose()
             .map_err(io::Error::other)?;
-        let spec = req
-            .spec
+        let spec = output
+            .as_ref()
+            .and_then(|o| o.child_spec())
+            .unwrap_or(req.spec)
             .to_wire()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         // A close-on-exec copy of the table above the child's stdio; the child moves it
