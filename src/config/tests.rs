@@ -1000,3 +1000,52 @@ fn a_spec_survives_the_wire_to_a_child_unchanged() {
     assert_eq!(VmSpec::from_wire(&wire).unwrap(), spec);
     assert!(VmSpec::from_wire("name: [").is_err());
 }
+
+#[test]
+fn console_limits_are_read_and_checked() {
+    let dir = TempDir::new("consolelimits");
+    let f = dir.write(
+        SETTINGS_FILE,
+        "console_max_mib: 2\nconsole_rate_kib_s: 64\n",
+    );
+    let s = FleetSettings::load(&f, PathBuf::new()).expect("valid");
+    assert_eq!((s.console_max_mib, s.console_rate_kib_s), (2, 64));
+    let d = FleetSettings::defaults(PathBuf::new());
+    assert_eq!((d.console_max_mib, d.console_rate_kib_s), (16, 32));
+    let f = dir.write(
+        "bad/fleet.yaml",
+        "console_max_mib: 0\nconsole_rate_kib_s: -1\n",
+    );
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert_eq!(
+        keys(&ps),
+        ["console_max_mib", "console_rate_kib_s"],
+        "{ps:?}"
+    );
+    assert!(ps[0].reason.contains("must be 1..=4096"), "{ps:?}");
+}
+
+#[test]
+fn alias_bombs_are_refused_with_one_line_naming_the_file() {
+    let dir = TempDir::new("aliasbomb");
+    let mut text = String::from("name: a\nvcpus: 1\nmemory_mib: 64\nkernel: builtin\n");
+    text.push_str("x0: &x0 [a, a, a, a, a, a, a, a, a, a]\n");
+    for i in 1..8 {
+        let p = format!("*x{}", i - 1);
+        text.push_str(&format!("x{i}: &x{i} [{}]\n", vec![p; 10].join(", ")));
+    }
+    let file = dir.write("a.yaml", &text);
+    let ps = problems_of(VmSpec::load(&file));
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert_eq!(ps[0].file, file);
+    assert!(
+        ps[0].reason.contains("more than 10000 YAML nodes"),
+        "{ps:?}"
+    );
+    let f = dir.write("s/fleet.yaml", &text.replace("name: a\n", ""));
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert!(
+        ps[0].reason.contains("more than 10000 YAML nodes"),
+        "{ps:?}"
+    );
+}
