@@ -35,9 +35,11 @@ pub const STARTUP_SETTLE_MS_RANGE: std::ops::RangeInclusive<u64> = 0..=60_000;
 pub const DEFAULT_CONSOLE_MAX_MIB: u64 = 16;
 /// Accepted range of `console_max_mib`.
 pub const CONSOLE_MAX_MIB_RANGE: std::ops::RangeInclusive<u64> = 1..=4096;
-/// Default of `console_rate_kib_s`: far above a heartbeat or a Linux boot log, below a
-/// guest writing its UART in a loop (about 125 KB/s at 8 us per port-I/O exit here).
-pub const DEFAULT_CONSOLE_RATE_KIB_S: u64 = 32;
+/// Default of `console_rate_kib_s`: far above a heartbeat (16 bytes a second) or a
+/// kernel's chatter once booted (its boot log passes in the burst of 16 s of the rate),
+/// below a guest writing its UART in a loop (30-125 KB/s here, where a port-I/O exit
+/// costs ~8 us).
+pub const DEFAULT_CONSOLE_RATE_KIB_S: u64 = 16;
 /// Accepted range of `console_rate_kib_s`.
 pub const CONSOLE_RATE_KIB_S_RANGE: std::ops::RangeInclusive<u64> = 1..=1_048_576;
 
@@ -73,7 +75,7 @@ pub struct FleetSettings {
     /// default 16): at the cap the file is renamed to `.1` and a new one started.
     pub console_max_mib: u64,
     /// Rate limit of each VM's console + log output, in KiB/s (`console_rate_kib_s`,
-    /// 1..=1048576, default 32); bytes beyond it are dropped and counted.
+    /// 1..=1048576, default 16); bytes beyond it are dropped and counted.
     pub console_rate_kib_s: u64,
 }
 

@@ -1011,7 +1011,7 @@ fn console_limits_are_read_and_checked() {
     let s = FleetSettings::load(&f, PathBuf::new()).expect("valid");
     assert_eq!((s.console_max_mib, s.console_rate_kib_s), (2, 64));
     let d = FleetSettings::defaults(PathBuf::new());
-    assert_eq!((d.console_max_mib, d.console_rate_kib_s), (16, 32));
+    assert_eq!((d.console_max_mib, d.console_rate_kib_s), (16, 16));
     let f = dir.write(
         "bad/fleet.yaml",
         "console_max_mib: 0\nconsole_rate_kib_s: -1\n",
