@@ -724,7 +724,9 @@ mod tests {
         drop(out);
         let counter = hub.dropped_counter("v");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while counter.load(Ordering::Relaxed) + 16384 < 64 * 4096 && Instant::now() < deadline {
+        let file = d.join("logs/v.console");
+        let seen = || counter.load(Ordering::Relaxed) + std::fs::metadata(&file).unwrap().len();
+        while seen() < 64 * 4096 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         drop(hub);
