@@ -49,7 +49,7 @@ const FINAL_READS: usize = 16;
 /// writes its console a byte at a time (one write per UART exit), so without it a busy
 /// guest would wake this thread for every byte; with it, a wake reads what a few
 /// milliseconds brought (far below a pipe's 64 KiB at any UART rate).
-const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A VM's output limits, from the fleet settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
