@@ -1,8 +1,11 @@
 //! The fleet supervisor: one child process per VM, reaped on SIGCHLD, restarted under
 //! each VM's policy, stopped cleanly on SIGTERM/SIGINT, reloaded on SIGHUP.
 //!
-//! The loop waits on one channel fed by a signal thread (signal-hook), with a timeout
-//! set to the next timer (a backoff, a settle time, a kill deadline): no polling.
+//! The loop waits on one channel of [`Event`]s, fed by a signal thread (signal-hook) and
+//! by the worker thread of a reload (whose reading of the directory, whatever it holds,
+//! never delays signals and reaping), with a timeout set to the next timer (a backoff,
+//! a settle time, a kill deadline): no polling. Children's output goes to the output
+//! thread ([`output`]), never through the loop.
 
 pub mod output;
 pub mod policy;
