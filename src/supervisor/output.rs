@@ -487,13 +487,13 @@ impl Worker {
     fn commands(&mut self) -> bool {
         let mut sink = [0u8; 64];
         while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
-        while let Ok(cmd) = self.rx.try_recv() {
-            match cmd {
-                Cmd::Stop => return false,
-                Cmd::Attach(a) => self.attach(*a),
+        loop {
+            match self.rx.try_recv() {
+                Ok(Cmd::Attach(a)) => self.attach(*a),
+                Ok(Cmd::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
             }
         }
-        true
     }
 
     fn attach(&mut self, a: Attach) {
