@@ -385,3 +385,62 @@ fn a_fifo_as_kernel_is_refused_at_validate() {
     );
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+#[test]
+fn reaping_and_sigterm_go_on_while_a_slow_reload_reads_the_directory() {
+    if !kvm_available("files::slow_reload") {
+        return;
+    }
+    let dir = scratch("slow-reload");
+    std::fs::write(dir.join("fleet.yaml"), "stop_grace_s: 2\n").unwrap();
+    vm_file(&dir, "vm", "  then: idle\n");
+    let mut fleet = Fleet::up(&dir);
+    assert!(
+        fleet.wait_for(Duration::from_secs(60), |f| f.count("vm vm: running") >= 1),
+        "{}",
+        fleet.log()
+    );
+    // 400 files of 9000 YAML nodes each, each under every limit: reading and checking
+    // them takes the loader many seconds on these machines (about 15 s, debug build).
+    let items = vec!["1"; 9000].join(", ");
+    for i in 0..400 {
+        std::fs::write(
+            dir.join(format!("slow{i:03}.yaml")),
+            format!("name: s{i}\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nx: [{items}]\n"),
+        )
+        .unwrap();
+    }
+    fleet.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    // While it reads: a child's death is reaped and logged at once...
+    let pid = fleet.pid_of("vm");
+    let t = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        fleet.wait_for(Duration::from_secs(20), |f| f.count("vm vm: exited") >= 1),
+        "{}",
+        fleet.log()
+    );
+    let reaped = t.elapsed();
+    // ...and SIGTERM ends the fleet within its stop grace.
+    let t = Instant::now();
+    fleet.signal(Signal::SIGTERM);
+    let st = wait_with_limit(&mut fleet.child, Duration::from_secs(30));
+    let stopped = t.elapsed();
+    assert_eq!(st.code(), Some(0), "{}", fleet.log());
+    let log = fleet.log();
+    eprintln!("reaped after {reaped:?}, stopped after {stopped:?}");
+    assert!(
+        reaped < Duration::from_secs(2),
+        "reaped after {reaped:?}\n{log}"
+    );
+    assert!(
+        stopped < Duration::from_secs(4),
+        "stopped after {stopped:?}\n{log}"
+    );
+    assert_eq!(
+        fleet.count("reload refused"),
+        0,
+        "the load had finished already: this test shows nothing\n{log}"
+    );
+}
