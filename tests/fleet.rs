@@ -196,8 +196,24 @@ fn restart_policies_on_clean_poweroff_and_on_crash() {
         }
     }
     let fleet = Fleet::up(&dir);
-    std::thread::sleep(Duration::from_secs(4));
     let n = |vm: &str| fleet.starts(vm).len();
+    // The restarting ones reach 3 starts (backoff 0); by then the others have started
+    // and ended once.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            n("always-poweroff") >= 3 && n("always-crash") >= 3 && n("on-failure-crash") >= 3
+        }),
+        "{}",
+        fleet.log()
+    );
+    assert!(
+        fleet.wait_for(Duration::from_secs(20), |f| {
+            f.log().contains("vm on-failure-poweroff: stopped")
+                && f.log().contains("vm never-crash: stopped")
+        }),
+        "{}",
+        fleet.log()
+    );
     let log = fleet.log();
     assert!(n("always-poweroff") >= 3, "{log}");
     assert!(n("always-crash") >= 3, "{log}");

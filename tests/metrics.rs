@@ -164,16 +164,32 @@ fn counters_never_go_down_across_a_crash_and_restart() {
     assert!(wait_until(Duration::from_secs(20), || fleet
         .log()
         .contains("vm m: running")));
-    std::thread::sleep(Duration::from_millis(1500)); // let KVM stats be published
-    let before = scrape(addr);
+    // KVM's statistics are published every second: wait until they are, with a deadline.
+    let k = "vmm_fleet_kvm_vcpu_exits_total{vcpu=\"0\",vm=\"m\"}";
+    let mut before = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            before = scrape(addr);
+            value(&before, k).is_some_and(|v| v > 0.0)
+        }),
+        "KVM statistics never published: {before}"
+    );
     let pid = fleet.pid_of("m");
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     assert!(wait_until(Duration::from_secs(10), || fleet
         .starts("m")
         .len()
         == 2));
-    std::thread::sleep(Duration::from_millis(1500));
-    let after = scrape(addr);
+    // The new child's heartbeat counts on top of the old counts: wait for that.
+    let mut after = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            after = scrape(addr);
+            value(&after, k) > value(&before, k)
+        }),
+        "exits never grew past {:?} after the restart: {after}",
+        value(&before, k)
+    );
     let counters = |t: &str| -> Vec<(String, f64)> {
         t.lines()
             .filter(|l| l.starts_with("vmm_fleet_") && l.contains("_total{"))
@@ -203,9 +219,6 @@ fn counters_never_go_down_across_a_crash_and_restart() {
         value(&after, "vmm_fleet_vm_last_exit_code{vm=\"m\"}"),
         Some(128.0 + 9.0)
     );
-    // The heartbeat kept counting in the new child on top of the old counts.
-    let k = "vmm_fleet_kvm_vcpu_exits_total{vcpu=\"0\",vm=\"m\"}";
-    assert!(value(&after, k) > value(&before, k), "{after}");
 }
 
 #[test]
