@@ -217,7 +217,8 @@ fn cmd_up(
     };
     let mut sup = Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log)
         .with_metrics(fleet)
-        .with_output(output);
+        .with_output(output)
+        .with_cgroups();
     let code = sup.run(&rx, &tx);
     drop(exporter);
     ProcessExit::from(code as u8)

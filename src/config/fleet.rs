@@ -43,6 +43,11 @@ pub const DEFAULT_CONSOLE_RATE_KIB_S: u64 = 16;
 /// Accepted range of `console_rate_kib_s`.
 pub const CONSOLE_RATE_KIB_S_RANGE: std::ops::RangeInclusive<u64> = 1..=1_048_576;
 
+/// Default of `cgroup_overhead_mib`.
+pub const DEFAULT_CGROUP_OVERHEAD_MIB: u64 = 64;
+/// Accepted range of `cgroup_overhead_mib`.
+pub const CGROUP_OVERHEAD_MIB_RANGE: std::ops::RangeInclusive<u64> = 0..=65_536;
+
 /// Validated fleet-wide settings: the contents of the settings file, or the defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetSettings {
@@ -77,6 +82,10 @@ pub struct FleetSettings {
     /// Rate limit of each VM's console + log output, in KiB/s (`console_rate_kib_s`,
     /// 1..=1048576, default 16); bytes beyond it are dropped and counted.
     pub console_rate_kib_s: u64,
+    /// Memory a VM's process may use beyond its guest memory before its cgroup's OOM
+    /// killer acts (`cgroup_overhead_mib`, 0..=65536, default 64 MiB): the VMM's own code,
+    /// heap, stacks and page tables.
+    pub cgroup_overhead_mib: u64,
 }
 
 /// A resolved `vm_user`: the ids a VM child drops to before its guest runs.
@@ -160,6 +169,7 @@ impl FleetSettings {
             vm_user: VmUser::default_for_this_process(),
             console_max_mib: DEFAULT_CONSOLE_MAX_MIB,
             console_rate_kib_s: DEFAULT_CONSOLE_RATE_KIB_S,
+            cgroup_overhead_mib: DEFAULT_CGROUP_OVERHEAD_MIB,
         }
     }
 
@@ -276,6 +286,8 @@ struct RawSettings {
     console_max_mib: Option<i64>,
     #[serde(default)]
     console_rate_kib_s: Option<i64>,
+    #[serde(default)]
+    cgroup_overhead_mib: Option<i64>,
 }
 
 /// Outcome of reading a settings file.
@@ -377,6 +389,7 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
                     vm_user: raw.vm_user.or(r.vm_user),
                     console_max_mib: raw.console_max_mib.or(r.console_max_mib),
                     console_rate_kib_s: raw.console_rate_kib_s.or(r.console_rate_kib_s),
+                    cgroup_overhead_mib: raw.cgroup_overhead_mib.or(r.cgroup_overhead_mib),
                 }
             }
         }
@@ -442,6 +455,12 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
         .and_then(|v| range("console_rate_kib_s", v, &CONSOLE_RATE_KIB_S_RANGE))
     {
         s.console_rate_kib_s = v;
+    }
+    if let Some(v) = raw
+        .cgroup_overhead_mib
+        .and_then(|v| range("cgroup_overhead_mib", v, &CGROUP_OVERHEAD_MIB_RANGE))
+    {
+        s.cgroup_overhead_mib = v;
     }
     if let Some(b) = raw.memory_overcommit {
         s.memory_overcommit = b;

@@ -14,10 +14,10 @@ mod fleet;
 pub mod validate;
 
 pub use fleet::{
-    CONSOLE_MAX_MIB_RANGE, CONSOLE_RATE_KIB_S_RANGE, DEFAULT_CONSOLE_MAX_MIB,
-    DEFAULT_CONSOLE_RATE_KIB_S, DEFAULT_METRICS_ADDRESS, DEFAULT_STARTUP_SETTLE_MS,
-    DEFAULT_STOP_GRACE_S, FleetSettings, SETTINGS_FILE, STARTUP_SETTLE_MS_RANGE,
-    STOP_GRACE_S_RANGE, VmUser, load_fleet,
+    CGROUP_OVERHEAD_MIB_RANGE, CONSOLE_MAX_MIB_RANGE, CONSOLE_RATE_KIB_S_RANGE,
+    DEFAULT_CGROUP_OVERHEAD_MIB, DEFAULT_CONSOLE_MAX_MIB, DEFAULT_CONSOLE_RATE_KIB_S,
+    DEFAULT_METRICS_ADDRESS, DEFAULT_STARTUP_SETTLE_MS, DEFAULT_STOP_GRACE_S, FleetSettings,
+    SETTINGS_FILE, STARTUP_SETTLE_MS_RANGE, STOP_GRACE_S_RANGE, VmUser, load_fleet,
 };
 
 use std::fmt;
@@ -68,6 +68,11 @@ pub struct VmSpec {
     pub restart: RestartSpec,
     /// The YAML file this spec was read from, as given to the loader.
     pub source: PathBuf,
+    /// CPU time the VM may use, in CPUs (`cpu_quota`: `0.5` is half a core; > 0 and at
+    /// most the host's CPU count); `None` (the default) is unlimited. The supervisor applies
+    /// it through the VM's cgroup; it is not sent to the child, which has no use for it.
+    #[serde(skip)]
+    pub cpu_quota: Option<f64>,
 }
 
 /// Which kernel a VM boots.

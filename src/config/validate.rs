@@ -43,6 +43,8 @@ struct RawVm {
     builtin: Option<RawBuiltin>,
     #[serde(default)]
     restart: Option<RawRestart>,
+    #[serde(default)]
+    cpu_quota: Option<f64>,
 }
 
 /// The `builtin:` section as written.
@@ -230,6 +232,7 @@ fn merge(mut vm: RawVm, d: &RawVm) -> (RawVm, Vec<&'static str>) {
     take(&mut vm.kernel, &d.kernel, "kernel", f);
     take(&mut vm.cmdline, &d.cmdline, "cmdline", f);
     take(&mut vm.console, &d.console, "console", f);
+    take(&mut vm.cpu_quota, &d.cpu_quota, "cpu_quota", f);
     let is_builtin = vm.kernel.as_deref().map(|k| k == "builtin");
     if is_builtin == Some(false) {
         take(&mut vm.initrd, &d.initrd, "initrd", f);
@@ -289,7 +292,7 @@ fn merge(mut vm: RawVm, d: &RawVm) -> (RawVm, Vec<&'static str>) {
 }
 
 /// Keys accepted in `defaults:` (every VM key but `name`).
-const DEFAULT_KEYS: [&str; 8] = [
+const DEFAULT_KEYS: [&str; 9] = [
     "vcpus",
     "memory_mib",
     "kernel",
@@ -298,6 +301,7 @@ const DEFAULT_KEYS: [&str; 8] = [
     "console",
     "builtin",
     "restart",
+    "cpu_quota",
 ];
 
 /// Checks the `defaults:` mapping of the settings file `file` (whose text is `text`, for
@@ -566,6 +570,7 @@ impl Validator<'_> {
         let console = self.console(raw.console.as_deref());
         let builtin = self.builtin(raw.builtin, is_builtin);
         let restart = self.restart(raw.restart.unwrap_or_default());
+        let cpu_quota = raw.cpu_quota.and_then(|q| self.cpu_quota(q));
         let name = name.unwrap_or_default();
         let spec = VmSpec {
             name: name.clone(),
@@ -580,6 +585,7 @@ impl Validator<'_> {
             builtin,
             restart,
             source: self.file.to_path_buf(),
+            cpu_quota,
         };
         (spec, name_ok.then_some(name))
     }
@@ -786,6 +792,23 @@ impl Validator<'_> {
         }
     }
 
+    /// `cpu_quota`: a number of CPUs, > 0 and at most the host's CPU count.
+    fn cpu_quota(&mut self, q: f64) -> Option<f64> {
+        let host = host_cpus();
+        if q.is_finite() && q > 0.0 && q <= host as f64 {
+            Some(q)
+        } else {
+            self.problem(
+                "cpu_quota",
+                format!(
+                    "{q} is out of range, must be a number of CPUs > 0 and at most {host} \
+                     (this host's CPU count); e.g. 0.5 for half a core"
+                ),
+            );
+            None
+        }
+    }
+
     fn restart(&mut self, raw: RawRestart) -> RestartSpec {
         let d = RestartSpec::default();
         let backoff_initial_ms = self.opt_u64_min(
@@ -855,5 +878,14 @@ impl Validator<'_> {
             start_limit_interval_s,
             stable_after_s,
         }
+    }
+}
+
+/// The host's online CPU count (at least 1).
+pub fn host_cpus() -> u64 {
+    use nix::unistd::{SysconfVar, sysconf};
+    match sysconf(SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(n)) if n > 0 => n as u64,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
     }
 }

@@ -7,6 +7,7 @@
 //! a settle time, a kill deadline): no polling. Children's output goes to the output
 //! thread ([`output`]), never through the loop.
 
+pub mod cgroup;
 pub mod output;
 pub mod policy;
 pub mod spawn;
@@ -195,6 +196,7 @@ pub struct Supervisor<S: Spawner> {
     reload: ReloadState,
     /// Where loader threads send their result (set by `run`).
     events: Option<Sender<Event>>,
+    cgroups: cgroup::FleetCgroups,
 }
 
 /// Every state name, for the exporter.
@@ -236,6 +238,7 @@ impl<S: Spawner> Supervisor<S> {
             output: None,
             reload: ReloadState::Idle,
             events: None,
+            cgroups: cgroup::FleetCgroups::disabled(),
         }
     }
 
@@ -243,6 +246,22 @@ impl<S: Spawner> Supervisor<S> {
     /// limit).
     pub fn with_output(mut self, hub: output::OutputHub) -> Self {
         self.output = Some(hub);
+        self
+    }
+
+    /// Put each VM child in a cgroup of its own (see [`cgroup`]). Without a writable
+    /// hierarchy, says so once and runs the VMs without limits.
+    pub fn with_cgroups(mut self) -> Self {
+        match cgroup::FleetCgroups::setup() {
+            Ok(c) => {
+                self.log.line(6, &c.describe());
+                self.cgroups = c;
+            }
+            Err(e) => self.log.line(
+                4,
+                &format!("cgroups: {e}; VMs run without memory, pids or CPU limits"),
+            ),
+        }
         self
     }
 
@@ -342,6 +361,10 @@ impl<S: Spawner> Supervisor<S> {
             self.on_timers(Instant::now());
             self.publish();
             if self.stopping && self.vms.values().all(|v| v.pid.is_none()) {
+                for dir in self.cgroups.remove_all() {
+                    self.log
+                        .line(4, &format!("cgroup {} not removed", dir.display()));
+                }
                 self.log.line(6, "every VM stopped; exiting");
                 return 0;
             }
@@ -353,6 +376,7 @@ impl<S: Spawner> Supervisor<S> {
             .values()
             .flat_map(|v| [v.start_at, v.running_at, v.kill_at])
             .flatten()
+            .chain(self.cgroups.next_deadline())
             .min()
     }
 
@@ -409,6 +433,9 @@ impl<S: Spawner> Supervisor<S> {
             return;
         };
         vm.start_at = None;
+        let cgroup = self
+            .cgroups
+            .prepare(&vm.spec, self.settings.cgroup_overhead_mib);
         let req = SpawnRequest {
             spec: &vm.spec,
             settings: settings_file.as_deref(),
@@ -416,8 +443,13 @@ impl<S: Spawner> Supervisor<S> {
             counters: vm.table.as_ref().map(|(_, fd)| fd.as_fd()),
             user: user.as_ref(),
             output: self.output.as_ref().map(|o| (o, limits)),
+            cgroup: cgroup.as_ref().ok().and_then(Option::as_ref),
         };
-        match self.spawner.spawn(&req) {
+        let spawned = match &cgroup {
+            Ok(_) => self.spawner.spawn(&req),
+            Err(e) => Err(std::io::Error::other(format!("cgroup: {e}"))),
+        };
+        match spawned {
             Ok(pid) => {
                 vm.pid = Some(pid);
                 vm.start_unix = SystemTime::now()
@@ -430,6 +462,7 @@ impl<S: Spawner> Supervisor<S> {
             }
             Err(e) => {
                 self.log.vm(3, name, &format!("cannot start: {e}"));
+                self.cgroups.exited(name, now);
                 vm.restarter.started(now);
                 self.after_exit(name, ChildExit::Code(5), now);
             }
@@ -473,6 +506,9 @@ impl<S: Spawner> Supervisor<S> {
         vm.kill_at = None;
         vm.running_at = None;
         vm.last_exit = Some(how);
+        if let Some(oom) = self.cgroups.exited(name, now) {
+            self.log.vm(3, name, &oom);
+        }
         let expected = matches!(how, ChildExit::Code(0) | ChildExit::Code(6));
         self.log.vm(
             if expected { 6 } else { 4 },
@@ -526,6 +562,7 @@ impl<S: Spawner> Supervisor<S> {
     }
 
     fn on_timers(&mut self, now: Instant) {
+        self.cgroups.on_timer(now);
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let Some(vm) = self.vms.get_mut(&name) else {

@@ -24,6 +24,7 @@ use nix::fcntl::{FcntlArg, fcntl};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use super::cgroup::Placement;
 use super::output::{Limits, OutputHub};
 use crate::config::{VmSpec, VmUser};
 use crate::protocol::COUNTERS_FD;
@@ -43,6 +44,8 @@ pub struct SpawnRequest<'a> {
     /// The output thread that takes the child's stdout and stderr, with the VM's limits
     /// (None: stdout discarded, stderr inherited).
     pub output: Option<(&'a OutputHub, Limits)>,
+    /// The VM's cgroup, joined by the child before it runs anything (`None`: no limits).
+    pub cgroup: Option<&'a Placement>,
 }
 
 /// Starts and signals VM children.
@@ -200,6 +203,14 @@ impl Spawner for ProcessSpawner {
             None => {
                 cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
             }
+        }
+        if let Some(cg) = req.cgroup {
+            // Prepared here, before the fork: the child only opens and writes.
+            let cg = cg.clone();
+            // SAFETY: `Placement::join` only calls open, write and close (async-signal-
+            // safe) and allocates nothing. It runs first, with the supervisor's
+            // privileges (the child drops them only after exec).
+            unsafe { cmd.pre_exec(move || cg.join()) };
         }
         // SAFETY: the closure makes only async-signal-safe calls (see ChildSetup).
         unsafe { cmd.pre_exec(move || setup.apply()) };

@@ -1,0 +1,728 @@
+//! One cgroup per VM child: a memory limit (guest memory + `cgroup_overhead_mib`), a pids
+//! limit (vCPUs + [`PIDS_MARGIN`]) and a CPU quota (`cpu_quota`), on cgroup v2 or on the
+//! memory / pids / cpu hierarchies of cgroup v1; placing a child in its cgroup before it
+//! runs anything; telling an OOM kill by the cgroup from other deaths; removing the
+//! directories again.
+//!
+//! Layout: under the supervisor's own cgroup of each hierarchy (`/proc/self/cgroup`), a
+//! directory `vmm-fleet-<supervisor pid>` per fleet (several fleets may share a host and
+//! a cgroup), with one `<vm name>` directory per VM. On v2 the supervisor's own cgroup
+//! must be delegated to it (systemd `Delegate=yes`): because of v2's "no internal
+//! processes" rule the supervisor first moves itself into the leaf `<own>/supervisor`,
+//! then enables the memory, pids and cpu controllers below `<own>`.
+//!
+//! Plain file writes rather than kata-containers' `cgroups-rs` (0.5.1): that crate pulls
+//! in an async D-Bus stack (zbus) and a second `nix` even for its file-system manager,
+//! blocks its caller for up to 150 ms in `delete()` (sleeping between retries; we retry
+//! on the event loop's timer instead), panics on unexpected `memory.oom_control` text,
+//! reports no `oom_kill` count on v2, and has no notion of the v2 leaf move or
+//! `memory.oom.group`; what we need is a dozen small files.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, ErrorKind};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::config::VmSpec;
+
+/// Tasks (threads) a VM child may have beyond one per vCPU: its main thread, signal and
+/// helper threads, with room to spare. The child never forks.
+pub const PIDS_MARGIN: u64 = 32;
+/// Period of the CPU quota (µs); a quota of `q` CPUs is `q * CPU_PERIOD_US` per period.
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// The smallest quota the kernel accepts (µs).
+const CPU_QUOTA_MIN_US: u64 = 1_000;
+/// Delay between attempts to remove a VM's cgroup that was still busy.
+const REMOVE_RETRY: Duration = Duration::from_secs(1);
+/// Attempts before a busy VM cgroup is left for the fleet's exit.
+const REMOVE_ATTEMPTS: u32 = 30;
+/// The controllers this module sets limits with.
+const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+/// The leaf the supervisor moves itself into on v2.
+const V2_LEAF: &str = "supervisor";
+
+/// Why the fleet's cgroups could not be set up or a VM's cgroup not made.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// No hierarchy offers the memory controller to this process.
+    #[error("no cgroup hierarchy with the memory controller (v1 or v2) is mounted here")]
+    NoMemoryController,
+    /// A cgroup file or directory could not be read, made or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// On v2, the supervisor's cgroup holds other processes, so controllers cannot be
+    /// enabled below it.
+    #[error(
+        "{}: holds processes other than the supervisor, so no controller can be enabled \
+         below it (run the service with systemd's Delegate=yes)",
+        dir.display()
+    )]
+    NotDelegated {
+        /// The supervisor's cgroup.
+        dir: PathBuf,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which cgroup version the limits are set through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// One hierarchy per controller.
+    V1,
+    /// The unified hierarchy.
+    V2,
+}
+
+/// One hierarchy's fleet directory and the controllers used in it.
+#[derive(Debug)]
+struct Hierarchy {
+    /// `<own cgroup>/vmm-fleet-<pid>`.
+    fleet_dir: PathBuf,
+    /// Of [`CONTROLLERS`], those this hierarchy carries (v1: one; v2: all available).
+    controllers: Vec<&'static str>,
+}
+
+impl Hierarchy {
+    fn has(&self, c: &str) -> bool {
+        self.controllers.contains(&c)
+    }
+}
+
+/// A VM's cgroup while its child lives.
+#[derive(Debug)]
+struct VmCgroup {
+    dirs: Vec<PathBuf>,
+    /// `memory.oom_control` (v1) or `memory.events` (v2).
+    oom_file: PathBuf,
+    oom_kills_before: u64,
+    memory_limit_mib: u64,
+}
+
+/// Directories of a gone child that were still busy, tried again later.
+#[derive(Debug)]
+struct Leftover {
+    dirs: Vec<PathBuf>,
+    attempts: u32,
+}
+
+/// The paths a child writes "0" to, in its `pre_exec`, to enter its VM's cgroup: made
+/// before the fork, so joining allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    procs: Vec<CString>,
+}
+
+impl Placement {
+    /// Move the calling process into the VM's cgroup of every hierarchy. Only `open`,
+    /// `write` and `close`: async-signal-safe, for a child between fork and exec. Must
+    /// run before the child drops its privileges.
+    pub fn join(&self) -> io::Result<()> {
+        for path in &self.procs {
+            // SAFETY: `path` is a valid NUL-terminated string; the fd is ours and closed
+            // below; the buffer is a static byte string.
+            unsafe {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = io::Error::last_os_error();
+                libc::close(fd);
+                if n != 1 {
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` files joined.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.procs
+            .iter()
+            .map(|c| Path::new(std::ffi::OsStr::from_bytes(c.as_bytes())))
+    }
+}
+
+/// The cgroups of one fleet: set up once at `up`, one per VM child, removed at exit.
+#[derive(Debug)]
+pub struct FleetCgroups {
+    version: Version,
+    /// Empty when disabled (no writable hierarchy): VMs then run without limits.
+    hierarchies: Vec<Hierarchy>,
+    live: BTreeMap<String, VmCgroup>,
+    leftovers: Vec<Leftover>,
+    retry_at: Option<Instant>,
+}
+
+impl FleetCgroups {
+    /// No cgroups: every VM runs without limits.
+    pub fn disabled() -> Self {
+        FleetCgroups {
+            version: Version::V1,
+            hierarchies: Vec::new(),
+            live: BTreeMap::new(),
+            leftovers: Vec::new(),
+            retry_at: None,
+        }
+    }
+
+    /// Find this process's cgroups and make the fleet's directories under them (v1 if
+    /// the memory controller is on a v1 hierarchy, else v2). Also removes empty fleet
+    /// directories left by supervisors that are gone.
+    pub fn setup() -> Result<Self, CgroupError> {
+        let own = read("/proc/self/cgroup")?;
+        let mounts = read("/proc/self/mountinfo")?;
+        let own = parse_proc_cgroup(&own);
+        let mounts = parse_mountinfo(&mounts);
+        let fleet_name = format!("vmm-fleet-{}", std::process::id());
+        let v1 = |c: &str| -> Option<PathBuf> {
+            let m = mounts
+                .iter()
+                .find(|m| m.fstype == "cgroup" && m.options.iter().any(|o| o == c))?;
+            let path = own
+                .iter()
+                .find(|(cs, _)| cs.iter().any(|x| x == c))
+                .map(|(_, p)| p.as_str())?;
+            Some(m.dir_of(path))
+        };
+        let hierarchies = if let Some(mem) = v1("memory") {
+            let mut hs = vec![v1_hierarchy(&mem, "memory", &fleet_name)?];
+            for c in ["pids", "cpu"] {
+                // Optional: without them the memory limit still holds.
+                if let Some(dir) = v1(c)
+                    && let Ok(h) = v1_hierarchy(&dir, c, &fleet_name)
+                {
+                    hs.push(h);
+                }
+            }
+            (Version::V1, hs)
+        } else {
+            let m = mounts
+                .iter()
+                .find(|m| m.fstype == "cgroup2")
+                .ok_or(CgroupError::NoMemoryController)?;
+            let path = own
+                .iter()
+                .find(|(cs, _)| cs.iter().all(String::is_empty))
+                .map(|(_, p)| p.as_str())
+                .ok_or(CgroupError::NoMemoryController)?;
+            (
+                Version::V2,
+                vec![v2_hierarchy(&m.dir_of(path), &fleet_name)?],
+            )
+        };
+        let (version, hierarchies) = hierarchies;
+        for h in &hierarchies {
+            if let Some(parent) = h.fleet_dir.parent() {
+                remove_stale_fleets(parent);
+            }
+        }
+        Ok(FleetCgroups {
+            version,
+            hierarchies,
+            live: BTreeMap::new(),
+            leftovers: Vec::new(),
+            retry_at: None,
+        })
+    }
+
+    /// One line on what is limited and where, for the log.
+    pub fn describe(&self) -> String {
+        if self.hierarchies.is_empty() {
+            return "cgroups: none; VMs run without memory, pids or CPU limits".to_string();
+        }
+        let controllers: Vec<&str> = CONTROLLERS
+            .into_iter()
+            .filter(|c| self.hierarchies.iter().any(|h| h.has(c)))
+            .collect();
+        let missing: Vec<&str> = CONTROLLERS
+            .into_iter()
+            .filter(|c| !controllers.contains(c))
+            .collect();
+        let v = match self.version {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+        };
+        let dirs: Vec<String> = self
+            .hierarchies
+            .iter()
+            .map(|h| h.fleet_dir.display().to_string())
+            .collect();
+        let mut line = format!(
+            "cgroups {v}: a cgroup per VM ({}) under {}",
+            controllers.join(", "),
+            dirs.join(", ")
+        );
+        if !missing.is_empty() {
+            line.push_str(&format!(
+                "; no {} controller: not limited",
+                missing.join(", ")
+            ));
+        }
+        line
+    }
+
+    /// Is any hierarchy in use?
+    pub fn enabled(&self) -> bool {
+        !self.hierarchies.is_empty()
+    }
+
+    /// Make (or reuse) `spec`'s cgroup with its limits and return where its child goes;
+    /// `None` when cgroups are disabled.
+    pub fn prepare(
+        &mut self,
+        spec: &VmSpec,
+        overhead_mib: u64,
+    ) -> Result<Option<Placement>, CgroupError> {
+        if self.hierarchies.is_empty() {
+            return Ok(None);
+        }
+        let name = &spec.name;
+        let memory_limit_mib = spec.memory_mib.saturating_add(overhead_mib);
+        let mut dirs = Vec::new();
+        let mut procs = Vec::new();
+        let mut oom_file = PathBuf::new();
+        for h in &self.hierarchies {
+            let dir = h.fleet_dir.join(name);
+            // Its own earlier child's directory may still be there, waiting for removal.
+            self.leftovers.retain(|l| !l.dirs.contains(&dir));
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&dir)(e)),
+            }
+            dirs.push(dir.clone());
+            set_limits(self.version, h, &dir, spec, memory_limit_mib)?;
+            if h.has("memory") {
+                oom_file = dir.join(match self.version {
+                    Version::V1 => "memory.oom_control",
+                    Version::V2 => "memory.events",
+                });
+            }
+            let p = dir.join("cgroup.procs");
+            procs.push(
+                CString::new(p.as_os_str().as_bytes()).map_err(|e| {
+                    io_err(&p)(io::Error::new(ErrorKind::InvalidInput, e.to_string()))
+                })?,
+            );
+        }
+        let oom_kills_before = oom_kills(&oom_file);
+        self.live.insert(
+            name.clone(),
+            VmCgroup {
+                dirs,
+                oom_file,
+                oom_kills_before,
+                memory_limit_mib,
+            },
+        );
+        Ok(Some(Placement { procs }))
+    }
+
+    /// `name`'s child is gone (reaped, or never started): remove its cgroup (or retry
+    /// later), and say whether the cgroup's OOM killer killed it.
+    pub fn exited(&mut self, name: &str, now: Instant) -> Option<String> {
+        let vm = self.live.remove(name)?;
+        let kills = oom_kills(&vm.oom_file).saturating_sub(vm.oom_kills_before);
+        let mut left = Leftover {
+            dirs: vm.dirs,
+            attempts: 0,
+        };
+        if !try_remove(&mut left.dirs) {
+            self.leftovers.push(left);
+            self.retry_at.get_or_insert(now + REMOVE_RETRY);
+        }
+        (kills > 0).then(|| {
+            format!(
+                "out of memory: killed by its cgroup's OOM killer (memory limit {} MiB: \
+                 guest memory + cgroup_overhead_mib)",
+                vm.memory_limit_mib
+            )
+        })
+    }
+
+    /// When [`FleetCgroups::on_timer`] wants to run next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Retry removing busy VM cgroups once their time has come.
+    pub fn on_timer(&mut self, now: Instant) {
+        if self.retry_at.is_none_or(|t| t > now) {
+            return;
+        }
+        self.retry_at = None;
+        for l in &mut self.leftovers {
+            l.attempts += 1;
+            try_remove(&mut l.dirs);
+        }
+        self.leftovers
+            .retain(|l| !l.dirs.is_empty() && l.attempts < REMOVE_ATTEMPTS);
+        if !self.leftovers.is_empty() {
+            self.retry_at = Some(now + REMOVE_RETRY);
+        }
+    }
+
+    /// Remove every VM cgroup and the fleet's directories (at exit). Returns what could
+    /// not be removed.
+    pub fn remove_all(&mut self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::mem::take(&mut self.live)
+            .into_values()
+            .flat_map(|v| v.dirs)
+            .chain(self.leftovers.drain(..).flat_map(|l| l.dirs))
+            .collect();
+        dirs.extend(self.hierarchies.drain(..).map(|h| h.fleet_dir));
+        self.retry_at = None;
+        try_remove(&mut dirs);
+        dirs
+    }
+}
+
+impl Drop for FleetCgroups {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
+/// Remove each directory of `dirs` that can be; keeps the rest. True when none is left.
+fn try_remove(dirs: &mut Vec<PathBuf>) -> bool {
+    dirs.retain(|d| match fs::remove_dir(d) {
+        Ok(()) => false,
+        Err(e) => e.kind() != ErrorKind::NotFound,
+    });
+    dirs.is_empty()
+}
+
+fn read(path: &str) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(io_err(Path::new(path)))
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(io_err(path))
+}
+
+/// Write `value` to `dir/file` if the file exists (it depends on kernel options).
+fn write_if_present(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    if path.exists() {
+        write(&path, value)?;
+    }
+    Ok(())
+}
+
+fn make_dir(dir: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(io_err(dir)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// `<own>/vmm-fleet-<pid>` in the v1 hierarchy of `controller`.
+fn v1_hierarchy(
+    own: &Path,
+    controller: &'static str,
+    fleet_name: &str,
+) -> Result<Hierarchy, CgroupError> {
+    let fleet_dir = own.join(fleet_name);
+    make_dir(&fleet_dir)?;
+    Ok(Hierarchy {
+        fleet_dir,
+        controllers: vec![controller],
+    })
+}
+
+/// On v2: leave `own` for the leaf `own/supervisor` if `own` must have no processes,
+/// enable the controllers below `own` and below `own/vmm-fleet-<pid>`.
+fn v2_hierarchy(own: &Path, fleet_name: &str) -> Result<Hierarchy, CgroupError> {
+    let available = fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default();
+    let controllers: Vec<&'static str> = CONTROLLERS
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .collect();
+    if !controllers.contains(&"memory") {
+        return Err(CgroupError::NoMemoryController);
+    }
+    let enable: String = controllers
+        .iter()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let subtree = own.join("cgroup.subtree_control");
+    match fs::write(&subtree, &enable) {
+        Ok(()) => {}
+        // "No internal processes": a cgroup with processes cannot enable domain
+        // controllers for its children. Move into a leaf, then try again.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let leaf = own.join(V2_LEAF);
+            make_dir(&leaf)?;
+            write(&leaf.join("cgroup.procs"), "0")?;
+            fs::write(&subtree, &enable).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    CgroupError::NotDelegated {
+                        dir: own.to_path_buf(),
+                    }
+                } else {
+                    io_err(&subtree)(e)
+                }
+            })?;
+        }
+        Err(e) => return Err(io_err(&subtree)(e)),
+    }
+    let fleet_dir = own.join(fleet_name);
+    make_dir(&fleet_dir)?;
+    write(&fleet_dir.join("cgroup.subtree_control"), &enable)?;
+    Ok(Hierarchy {
+        fleet_dir,
+        controllers,
+    })
+}
+
+/// Write `spec`'s limits into `dir`, a VM cgroup of hierarchy `h`.
+fn set_limits(
+    version: Version,
+    h: &Hierarchy,
+    dir: &Path,
+    spec: &VmSpec,
+    memory_limit_mib: u64,
+) -> Result<(), CgroupError> {
+    let bytes = (memory_limit_mib << 20).to_string();
+    let pids = (u64::from(spec.vcpus) + PIDS_MARGIN).to_string();
+    let quota = spec.cpu_quota.map(|q| {
+        let us = (q * CPU_PERIOD_US as f64).round() as u64;
+        us.max(CPU_QUOTA_MIN_US).to_string()
+    });
+    match version {
+        Version::V1 => {
+            if h.has("memory") {
+                // memsw (memory + swap) must stay >= the memory limit at every step.
+                write_if_present(dir, "memory.memsw.limit_in_bytes", "-1")?;
+                write(&dir.join("memory.limit_in_bytes"), &bytes)?;
+                write_if_present(dir, "memory.memsw.limit_in_bytes", &bytes)?;
+                // Inherited from the parent: make sure the OOM killer acts.
+                write_if_present(dir, "memory.oom_control", "0")?;
+            }
+            if h.has("pids") {
+                write(&dir.join("pids.max"), &pids)?;
+            }
+            if h.has("cpu") {
+                write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(
+                    &dir.join("cpu.cfs_quota_us"),
+                    quota.as_deref().unwrap_or("-1"),
+                )?;
+            }
+        }
+        Version::V2 => {
+            if h.has("memory") {
+                write(&dir.join("memory.max"), &bytes)?;
+                write_if_present(dir, "memory.swap.max", "0")?;
+                write_if_present(dir, "memory.oom.group", "1")?;
+            }
+            if h.has("pids") {
+                write(&dir.join("pids.max"), &pids)?;
+            }
+            if h.has("cpu") {
+                let q = quota.as_deref().unwrap_or("max");
+                write(&dir.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `oom_kill` count of `memory.oom_control` (v1) or `memory.events` (v2); 0 when
+/// unreadable.
+fn oom_kills(file: &Path) -> u64 {
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|text| parse_oom_kills(&text))
+        .unwrap_or(0)
+}
+
+fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Remove `vmm-fleet-<pid>` directories under `parent` whose supervisor is gone (a killed
+/// supervisor cannot clean up). `rmdir` never removes a cgroup with processes in it.
+fn remove_stale_fleets(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vmm-fleet-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = e.path();
+        if let Ok(vms) = fs::read_dir(&dir) {
+            for vm in vms.flatten() {
+                if vm.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = fs::remove_dir(vm.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&dir);
+    }
+}
+
+/// `/proc/self/cgroup` as (controllers, path) pairs; v2's line has one empty controller.
+fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _id = parts.next()?;
+            let controllers = parts.next()?.split(',').map(str::to_string).collect();
+            Some((controllers, parts.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// A cgroup file system mount.
+#[derive(Debug, PartialEq)]
+struct Mount {
+    /// The cgroup path mounted (`/` unless a cgroup namespace or bind mount).
+    root: String,
+    point: PathBuf,
+    /// `cgroup` (v1) or `cgroup2`.
+    fstype: String,
+    /// Super-block options: a v1 mount's controllers.
+    options: Vec<String>,
+}
+
+impl Mount {
+    /// The directory of cgroup `path` (as in `/proc/self/cgroup`) under this mount.
+    fn dir_of(&self, path: &str) -> PathBuf {
+        let rel = path.strip_prefix(self.root.as_str()).unwrap_or(path);
+        self.point.join(rel.trim_start_matches('/'))
+    }
+}
+
+/// The cgroup mounts of `/proc/self/mountinfo`.
+fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let mut post = post.split(' ');
+            let fstype = post.next()?;
+            if fstype != "cgroup" && fstype != "cgroup2" {
+                return None;
+            }
+            let _source = post.next()?;
+            let options = post.next().unwrap_or("").split(',').map(str::to_string);
+            Some(Mount {
+                root: unescape(pre.get(3)?),
+                point: PathBuf::from(unescape(pre.get(4)?)),
+                fstype: fstype.to_string(),
+                options: options.collect(),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) if b[i] == b'\\' => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(v as u8);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_cgroup_lines() {
+        let own = parse_proc_cgroup("4:memory:/a/b\n2:cpu,cpuacct:/\n0::/system.slice/x\n");
+        assert_eq!(own[0], (vec!["memory".to_string()], "/a/b".to_string()));
+        assert_eq!(own[1].0, vec!["cpu".to_string(), "cpuacct".to_string()]);
+        assert_eq!(own[2], (vec![String::new()], "/system.slice/x".to_string()));
+    }
+
+    #[test]
+    fn mountinfo_cgroup_mounts() {
+        let text = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                    35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+                    32 31 0:29 /ns /sys/fs/cgroup/cpu,cpuacct rw shared:9 - cgroup cgroup rw,cpu,cpuacct\n\
+                    41 31 0:38 / /sys/fs/cgroup/uni\\040fied rw,relatime - cgroup2 cgroup2 rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].options, vec!["rw", "memory"]);
+        assert_eq!(m[0].dir_of("/a/b"), Path::new("/sys/fs/cgroup/memory/a/b"));
+        assert_eq!(m[0].dir_of("/"), Path::new("/sys/fs/cgroup/memory"));
+        assert_eq!(
+            m[1].dir_of("/ns/x"),
+            Path::new("/sys/fs/cgroup/cpu,cpuacct/x")
+        );
+        assert!(m[1].options.iter().any(|o| o == "cpu"));
+        assert_eq!(m[2].fstype, "cgroup2");
+        assert_eq!(m[2].point, Path::new("/sys/fs/cgroup/uni fied"));
+    }
+
+    #[test]
+    fn oom_kill_counts() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        let v2 = "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 1\n";
+        assert_eq!(parse_oom_kills(v1), Some(3));
+        assert_eq!(parse_oom_kills(v2), Some(2));
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\n"), None);
+        assert_eq!(oom_kills(Path::new("/nonexistent/memory.events")), 0);
+    }
+
+    #[test]
+    fn disabled_cgroups_place_nothing() {
+        let mut c = FleetCgroups::disabled();
+        assert!(!c.enabled());
+        let spec = VmSpec::from_yaml(
+            "name: a\nvcpus: 1\nmemory_mib: 8\nkernel: builtin\n",
+            Path::new("/x/a.yaml"),
+        )
+        .unwrap();
+        assert!(c.prepare(&spec, 64).unwrap().is_none());
+        assert!(c.exited("a", Instant::now()).is_none());
+        assert!(c.remove_all().is_empty());
+    }
+}
