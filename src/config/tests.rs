@@ -1049,3 +1049,81 @@ fn alias_bombs_are_refused_with_one_line_naming_the_file() {
         "{ps:?}"
     );
 }
+
+#[test]
+fn cpu_quota_is_a_number_of_cpus_up_to_the_hosts() {
+    let host = validate::host_cpus();
+    let spec = |q: &str| {
+        VmSpec::from_yaml(
+            &format!("{MINIMAL}cpu_quota: {q}\n"),
+            Path::new("/x/w.yaml"),
+        )
+    };
+    assert_eq!(
+        VmSpec::from_yaml(MINIMAL, Path::new("/x/w.yaml"))
+            .unwrap()
+            .cpu_quota,
+        None
+    );
+    assert_eq!(spec("0.5").unwrap().cpu_quota, Some(0.5));
+    assert_eq!(spec("1").unwrap().cpu_quota, Some(1.0));
+    assert_eq!(
+        spec(&host.to_string()).unwrap().cpu_quota,
+        Some(host as f64)
+    );
+    for bad in ["0", "-0.5", &format!("{}.5", host), ".nan", ".inf"] {
+        let ps = problems_of(spec(bad));
+        assert_eq!(keys(&ps), ["cpu_quota"], "{bad}: {ps:?}");
+        assert_eq!(ps[0].file, Path::new("/x/w.yaml"));
+        assert!(ps[0].reason.contains("this host's CPU count"), "{ps:?}");
+    }
+    let ps = problems_of(spec("half"));
+    assert_eq!(keys(&ps), ["cpu_quota"], "{ps:?}");
+
+    // The supervisor applies it; the child is not told.
+    let s = spec("0.5").unwrap();
+    let wire = s.to_wire().unwrap();
+    assert!(!wire.contains("cpu_quota"), "{wire}");
+    assert_eq!(VmSpec::from_wire(&wire).unwrap().cpu_quota, None);
+}
+
+#[test]
+fn cpu_quota_in_defaults_and_a_vm_file_wins() {
+    let dir = TempDir::new("cpuquota");
+    dir.write(SETTINGS_FILE, "defaults:\n  cpu_quota: 0.25\n");
+    dir.write("a.yaml", &vm("a", 32));
+    dir.write("b.yaml", &format!("{}cpu_quota: 0.5\n", vm("b", 32)));
+    let (_, specs) = load_fleet(dir.path(), None, PathBuf::new(), None).expect("valid");
+    assert_eq!(specs[0].cpu_quota, Some(0.25));
+    assert_eq!(specs[1].cpu_quota, Some(0.5));
+
+    dir.write(SETTINGS_FILE, "defaults:\n  cpu_quota: 0\n");
+    let e = load_fleet(dir.path(), None, PathBuf::new(), None).expect_err("invalid");
+    let a = e
+        .problems()
+        .iter()
+        .find(|p| p.file.ends_with("a.yaml"))
+        .expect("a.yaml's problem");
+    assert_eq!(a.key, "cpu_quota");
+    assert!(a.reason.contains("value from the defaults"), "{a:?}");
+}
+
+#[test]
+fn cgroup_overhead_mib_setting() {
+    let dir = TempDir::new("overhead");
+    let d = FleetSettings::defaults(PathBuf::new());
+    assert_eq!(d.cgroup_overhead_mib, DEFAULT_CGROUP_OVERHEAD_MIB);
+    assert_eq!(d.cgroup_overhead_mib, 64);
+    let f = dir.write(SETTINGS_FILE, "cgroup_overhead_mib: 0\n");
+    let s = FleetSettings::load(&f, PathBuf::new()).expect("valid");
+    assert_eq!(s.cgroup_overhead_mib, 0);
+    for bad in ["-1", "65537", "lots"] {
+        let f = dir.write(
+            SETTINGS_FILE,
+            &format!("stop_grace_s: 5\ncgroup_overhead_mib: {bad}\n"),
+        );
+        let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+        assert_eq!(keys(&ps), ["cgroup_overhead_mib"], "{bad}: {ps:?}");
+        assert!(ps[0].reason.ends_with("(line 2)"), "{ps:?}");
+    }
+}
