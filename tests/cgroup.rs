@@ -447,3 +447,62 @@ fn each_vm_has_its_cgroup_with_limits_while_it_runs_and_none_after() {
         assert!(!fleet_dir.exists(), "{} left behind", fleet_dir.display());
     }
 }
+
+#[test]
+fn without_a_writable_hierarchy_up_says_so_once_and_still_starts_the_vms() {
+    if !kvm_available("cgroup::unwritable") {
+        return;
+    }
+    let _serial = serial();
+    // An unprivileged supervisor may not make cgroups here (and is not delegated one).
+    let dir = scratch("cgroup-none");
+    vm(
+        &dir,
+        "a",
+        "vcpus: 1\nmemory_mib: 16\nbuiltin:\n  then: idle\n",
+    );
+    vm(
+        &dir,
+        "b",
+        "vcpus: 1\nmemory_mib: 16\nbuiltin:\n  then: idle\n",
+    );
+    let nobody = 65534;
+    nix::unistd::chown(&dir, Some(nobody.into()), Some(nobody.into())).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("up")
+        .arg(&dir)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--metrics-address")
+        .arg("127.0.0.1:0")
+        .uid(nobody)
+        .gid(nobody)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn up");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l = lines.clone();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            l.lock().unwrap().push((Instant::now(), line));
+        }
+    });
+    let mut fleet = Running(Fleet { child, lines });
+    // Each VM is started (and, without /dev/kvm access, fails and is restarted): the
+    // cgroup message still comes once, not per VM or per start.
+    assert!(
+        fleet.wait_for(Duration::from_secs(20), |f| f.starts("a").len() >= 2
+            && f.starts("b").len() >= 2),
+        "{}",
+        fleet.log()
+    );
+    let log = fleet.log();
+    assert_eq!(
+        fleet.count("VMs run without memory, pids or CPU limits"),
+        1,
+        "{log}"
+    );
+    assert_eq!(fleet.count("cgroup"), 1, "{log}");
+    stop(&mut fleet);
+}
