@@ -413,7 +413,7 @@ fn each_vm_has_its_cgroup_with_limits_while_it_runs_and_none_after() {
         let pids = cgroup_dir(pid, "pids").expect("pids cgroup");
         // In a directory of its own, unique to this supervisor.
         assert!(
-            mem.ends_with(format!("vmm-fleet-{sup}/{name}")),
+            mem.ends_with(format!("vmm-fleet-{sup}/vm-{name}")),
             "{}",
             mem.display()
         );

@@ -6,7 +6,7 @@
 //!
 //! Layout: under the supervisor's own cgroup of each hierarchy (`/proc/self/cgroup`), a
 //! directory `vmm-fleet-<supervisor pid>` per fleet (several fleets may share a host and
-//! a cgroup), with one `<vm name>` directory per VM. On v2 the supervisor's own cgroup
+//! a cgroup), with one `vm-<vm name>` directory per VM. On v2 the supervisor's own cgroup
 //! must be delegated to it (systemd `Delegate=yes`): because of v2's "no internal
 //! processes" rule the supervisor first moves itself into the leaf `<own>/supervisor`,
 //! then enables the memory, pids and cpu controllers below `<own>`.
@@ -150,13 +150,6 @@ impl Placement {
         }
         Ok(())
     }
-
-    /// The `cgroup.procs` files joined.
-    pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        self.procs
-            .iter()
-            .map(|c| Path::new(std::ffi::OsStr::from_bytes(c.as_bytes())))
-    }
 }
 
 /// The cgroups of one fleet: set up once at `up`, one per VM child, removed at exit.
@@ -299,7 +292,9 @@ impl FleetCgroups {
         let mut procs = Vec::new();
         let mut oom_file = PathBuf::new();
         for h in &self.hierarchies {
-            let dir = h.fleet_dir.join(name);
+            // Prefixed: a VM named like a control file (`tasks`, `cgroup.procs`) must not
+            // meet one.
+            let dir = h.fleet_dir.join(format!("vm-{name}"));
             // Its own earlier child's directory may still be there, waiting for removal.
             self.leftovers.retain(|l| !l.dirs.contains(&dir));
             match fs::create_dir(&dir) {
