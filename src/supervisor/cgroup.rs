@@ -282,7 +282,8 @@ impl FleetCgroups {
     }
 
     /// Make (or reuse) `spec`'s cgroup with its limits and return where its child goes;
-    /// `None` when cgroups are disabled.
+    /// `None` when cgroups are disabled. On an error, what was made stays registered
+    /// under the VM's name: call [`FleetCgroups::exited`] as for a child that never ran.
     pub fn prepare(
         &mut self,
         spec: &VmSpec,
@@ -291,48 +292,48 @@ impl FleetCgroups {
         if self.hierarchies.is_empty() {
             return Ok(None);
         }
-        let name = &spec.name;
-        let memory_limit_mib = spec.memory_mib.saturating_add(overhead_mib);
-        let mut dirs = Vec::new();
+        let mut vm = VmCgroup {
+            dirs: Vec::new(),
+            oom_file: PathBuf::new(),
+            oom_kills_before: 0,
+            memory_limit_mib: spec.memory_mib.saturating_add(overhead_mib),
+        };
         let mut procs = Vec::new();
-        let mut oom_file = PathBuf::new();
+        let made = self.make(spec, &mut vm, &mut procs);
+        vm.oom_kills_before = oom_kills(&vm.oom_file);
+        self.live.insert(spec.name.clone(), vm);
+        made.map(|()| Some(Placement { procs }))
+    }
+
+    /// Make `spec`'s directory in every hierarchy and set its limits, recording in `vm`
+    /// what was made and in `procs` where the child writes.
+    fn make(
+        &mut self,
+        spec: &VmSpec,
+        vm: &mut VmCgroup,
+        procs: &mut Vec<CString>,
+    ) -> Result<(), CgroupError> {
         for h in &self.hierarchies {
             // Prefixed: a VM named like a control file (`tasks`, `cgroup.procs`) must not
             // meet one.
-            let dir = h.fleet_dir.join(format!("vm-{name}"));
+            let dir = h.fleet_dir.join(format!("vm-{}", spec.name));
             // Its own earlier child's directory may still be there, waiting for removal.
             self.leftovers.retain(|l| !l.dirs.contains(&dir));
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err(&dir)(e)),
-            }
-            dirs.push(dir.clone());
-            set_limits(self.version, h, &dir, spec, memory_limit_mib)?;
+            make_dir(&dir)?;
+            vm.dirs.push(dir.clone());
+            set_limits(self.version, h, &dir, spec, vm.memory_limit_mib)?;
             if h.has("memory") {
-                oom_file = dir.join(match self.version {
+                vm.oom_file = dir.join(match self.version {
                     Version::V1 => "memory.oom_control",
                     Version::V2 => "memory.events",
                 });
             }
             let p = dir.join("cgroup.procs");
-            procs.push(
-                CString::new(p.as_os_str().as_bytes()).map_err(|e| {
-                    io_err(&p)(io::Error::new(ErrorKind::InvalidInput, e.to_string()))
-                })?,
-            );
+            let c = CString::new(p.as_os_str().as_bytes())
+                .map_err(|e| io_err(&p)(io::Error::new(ErrorKind::InvalidInput, e.to_string())))?;
+            procs.push(c);
         }
-        let oom_kills_before = oom_kills(&oom_file);
-        self.live.insert(
-            name.clone(),
-            VmCgroup {
-                dirs,
-                oom_file,
-                oom_kills_before,
-                memory_limit_mib,
-            },
-        );
-        Ok(Some(Placement { procs }))
+        Ok(())
     }
 
     /// `name`'s child is gone (reaped, or never started): remove its cgroup (or retry
@@ -820,6 +821,102 @@ mod tests {
         let mut dirs = vec![vm, h.fleet_dir];
         assert!(try_remove(&mut dirs), "{dirs:?}");
         println!("V2-HALF-DONE");
+    }
+
+    fn spec(yaml: &str) -> VmSpec {
+        VmSpec::from_yaml(
+            &format!("name: a\nkernel: builtin\n{yaml}"),
+            Path::new("/x/a.yaml"),
+        )
+        .unwrap()
+    }
+
+    /// A fleet whose "hierarchies" are plain directories: the values written, checked
+    /// without a cgroup file system (files absent there are created by the writes).
+    fn fake(version: Version, controllers: &[Vec<&'static str>]) -> (FleetCgroups, PathBuf) {
+        let base = std::env::temp_dir().join(format!(
+            "vmm-fleet-cgroup-unit-{}-{version:?}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&base);
+        let hierarchies = controllers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let fleet_dir = base.join(i.to_string());
+                fs::create_dir_all(&fleet_dir).unwrap();
+                Hierarchy {
+                    fleet_dir,
+                    controllers: c.clone(),
+                }
+            })
+            .collect();
+        let mut c = FleetCgroups::disabled();
+        c.version = version;
+        c.hierarchies = hierarchies;
+        (c, base)
+    }
+
+    #[test]
+    fn limits_written_on_v1_and_v2() {
+        let get = |p: PathBuf| fs::read_to_string(p).unwrap();
+        let (mut c, base) = fake(Version::V1, &[vec!["memory"], vec!["pids"], vec!["cpu"]]);
+        let p = c
+            .prepare(&spec("vcpus: 3\nmemory_mib: 48\ncpu_quota: 0.5\n"), 16)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            get(base.join("0/vm-a/memory.limit_in_bytes")),
+            (64u64 << 20).to_string()
+        );
+        // Written only where the kernel has them.
+        assert!(!base.join("0/vm-a/memory.oom_control").exists());
+        assert_eq!(get(base.join("1/vm-a/pids.max")), "35");
+        assert_eq!(get(base.join("2/vm-a/cpu.cfs_quota_us")), "50000");
+        assert_eq!(get(base.join("2/vm-a/cpu.cfs_period_us")), "100000");
+        assert!(!base.join("0/vm-a/memory.memsw.limit_in_bytes").exists());
+        assert!(!base.join("0/vm-a/memory.swap.max").exists());
+        assert_eq!(p.procs.len(), 3);
+        assert!(
+            p.procs[1]
+                .to_str()
+                .unwrap()
+                .ends_with("/1/vm-a/cgroup.procs")
+        );
+        fs::remove_dir_all(&base).unwrap();
+
+        let (mut c, base) = fake(Version::V2, &[vec!["memory", "pids", "cpu"]]);
+        c.prepare(&spec("vcpus: 1\nmemory_mib: 8\n"), 0).unwrap();
+        assert_eq!(
+            get(base.join("0/vm-a/memory.max")),
+            (8u64 << 20).to_string()
+        );
+        assert_eq!(get(base.join("0/vm-a/pids.max")), "33");
+        assert_eq!(get(base.join("0/vm-a/cpu.max")), "max 100000");
+        // A tiny quota is raised to the kernel's 1 ms minimum.
+        c.prepare(&spec("vcpus: 1\nmemory_mib: 8\ncpu_quota: 0.001\n"), 0)
+            .unwrap();
+        assert_eq!(get(base.join("0/vm-a/cpu.max")), "1000 100000");
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_failed_prepare_leaves_nothing_unaccounted() {
+        let (mut c, base) = fake(Version::V1, &[vec!["memory"], vec!["pids"]]);
+        // The second hierarchy is gone: the first one's directory was made already.
+        fs::remove_dir(base.join("1")).unwrap();
+        assert!(c.prepare(&spec("vcpus: 1\nmemory_mib: 8\n"), 0).is_err());
+        assert!(base.join("0/vm-a").is_dir());
+        // Files in a plain directory keep it from being removed, like a busy cgroup.
+        assert!(c.exited("a", Instant::now()).is_none());
+        assert_eq!(c.leftovers.len(), 1);
+        assert!(c.next_deadline().is_some());
+        fs::remove_dir_all(base.join("0/vm-a")).unwrap();
+        c.on_timer(Instant::now() + REMOVE_RETRY);
+        assert!(c.leftovers.is_empty() && c.next_deadline().is_none());
+        assert!(c.remove_all().is_empty());
+        assert!(!base.join("0").exists());
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
