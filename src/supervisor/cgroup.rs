@@ -833,9 +833,13 @@ mod tests {
 
     /// A fleet whose "hierarchies" are plain directories: the values written, checked
     /// without a cgroup file system (files absent there are created by the writes).
-    fn fake(version: Version, controllers: &[Vec<&'static str>]) -> (FleetCgroups, PathBuf) {
+    fn fake(
+        tag: &str,
+        version: Version,
+        controllers: &[Vec<&'static str>],
+    ) -> (FleetCgroups, PathBuf) {
         let base = std::env::temp_dir().join(format!(
-            "vmm-fleet-cgroup-unit-{}-{version:?}",
+            "vmm-fleet-cgroup-unit-{}-{tag}",
             std::process::id()
         ));
         let _ = fs::remove_dir_all(&base);
@@ -860,7 +864,11 @@ mod tests {
     #[test]
     fn limits_written_on_v1_and_v2() {
         let get = |p: PathBuf| fs::read_to_string(p).unwrap();
-        let (mut c, base) = fake(Version::V1, &[vec!["memory"], vec!["pids"], vec!["cpu"]]);
+        let (mut c, base) = fake(
+            "v1",
+            Version::V1,
+            &[vec!["memory"], vec!["pids"], vec!["cpu"]],
+        );
         let p = c
             .prepare(&spec("vcpus: 3\nmemory_mib: 48\ncpu_quota: 0.5\n"), 16)
             .unwrap()
@@ -885,7 +893,7 @@ mod tests {
         );
         fs::remove_dir_all(&base).unwrap();
 
-        let (mut c, base) = fake(Version::V2, &[vec!["memory", "pids", "cpu"]]);
+        let (mut c, base) = fake("v2", Version::V2, &[vec!["memory", "pids", "cpu"]]);
         c.prepare(&spec("vcpus: 1\nmemory_mib: 8\n"), 0).unwrap();
         assert_eq!(
             get(base.join("0/vm-a/memory.max")),
@@ -902,7 +910,7 @@ mod tests {
 
     #[test]
     fn a_failed_prepare_leaves_nothing_unaccounted() {
-        let (mut c, base) = fake(Version::V1, &[vec!["memory"], vec!["pids"]]);
+        let (mut c, base) = fake("failed", Version::V1, &[vec!["memory"], vec!["pids"]]);
         // The second hierarchy is gone: the first one's directory was made already.
         fs::remove_dir(base.join("1")).unwrap();
         assert!(c.prepare(&spec("vcpus: 1\nmemory_mib: 8\n"), 0).is_err());
