@@ -297,9 +297,10 @@ fn section_render() -> Res<()> {
             .parse()
             .map_err(|e: std::net::AddrParseError| e.to_string())?,
         fleet,
+        std::sync::Arc::new(|_, msg: &str| eprintln!("{msg}")),
     )
     .map_err(|e| e.to_string())?;
-    let addr = exporter.addr();
+    let addr = exporter.addr().ok_or("the exporter did not bind")?;
     let mut http_size = 0;
     for _ in 0..5 {
         http_size = get_metrics(addr)?.1;

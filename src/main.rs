@@ -11,6 +11,7 @@ use signal_hook::iterator::Signals;
 
 use vmm_fleet::config::{FleetSettings, VmSpec, VmUser};
 use vmm_fleet::metrics::exporter::{Exporter, FleetMetrics};
+use vmm_fleet::metrics::http::{AddressHandle, LogFn};
 use vmm_fleet::protocol::ExitCode;
 use vmm_fleet::supervisor::output::OutputHub;
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
@@ -197,15 +198,12 @@ fn cmd_up(
     }
     let fleet = FleetMetrics::new(&STATE_NAMES);
     let addr = metrics_address.unwrap_or(settings.metrics_address);
-    let exporter = match Exporter::start(addr, fleet.clone()) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("vmm-fleet: metrics: {e}; nothing started");
-            return ProcessExit::FAILURE;
-        }
-    };
+    let metrics_log: LogFn = Arc::new(|prio, msg| EventLog::default().line(prio, msg));
+    // A metrics failure (bind failures are retried inside) never stops the fleet.
+    let exporter = Exporter::start(addr, fleet.clone(), metrics_log)
+        .inspect_err(|e| EventLog::default().line(3, &format!("{e}; running without /metrics")))
+        .ok();
     let log = EventLog::default();
-    log.line(6, &format!("metrics on http://{}/metrics", exporter.addr()));
     log.line(6, &VmUser::describe(settings.vm_user.as_ref()));
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("vmm-fleet"));
     let output = match OutputHub::start() {
@@ -215,13 +213,47 @@ fn cmd_up(
             return ProcessExit::FAILURE;
         }
     };
+    let handle = exporter.as_ref().map(Exporter::address_handle);
     let mut sup = Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log)
         .with_metrics(fleet)
         .with_output(output)
-        .with_cgroups();
+        .with_cgroups()
+        .on_metrics_address_change(move |new| {
+            metrics_address_changed(new, metrics_address, handle.as_ref())
+        });
     let code = sup.run(&rx, &tx);
     drop(exporter);
     ProcessExit::from(code as u8)
+}
+
+/// A reload found `metrics_address` changed to `new`: move the endpoint there, unless the
+/// command line's `--metrics-address` (`cli`) overrides the settings.
+fn metrics_address_changed(
+    new: std::net::SocketAddr,
+    cli: Option<std::net::SocketAddr>,
+    handle: Option<&AddressHandle>,
+) {
+    let log = EventLog::default();
+    match (cli, handle) {
+        (Some(cli), _) => log.line(
+            4,
+            &format!(
+                "metrics_address changed to {new} in the settings: refused, \
+                 --metrics-address {cli} on the command line overrides it (still on {cli})"
+            ),
+        ),
+        (None, Some(h)) => {
+            log.line(
+                6,
+                &format!("metrics_address changed to {new}: moving /metrics there"),
+            );
+            h.set(new);
+        }
+        (None, None) => log.line(
+            4,
+            &format!("metrics_address changed to {new}: ignored, /metrics is not running"),
+        ),
+    }
 }
 
 /// What `run-vm` was told by its supervisor (all unset when run by hand).

@@ -1,18 +1,19 @@
 //! The Prometheus exporter: a `Collector` that reads the fleet's state and every VM's
-//! counter table at scrape time, served at `/metrics` by a small HTTP server (tiny_http).
+//! counter table at scrape time, served at `/metrics` by the bounded server in
+//! [`super::http`].
 //!
 //! The supervisor hands the collector a fresh [`VmSnapshot`] list whenever something
 //! changes; counters are read from the shared tables only when Prometheus scrapes.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use super::counters::{ExitCounters, ExitReason, KVM_STATS};
+use super::http::{AddressHandle, HttpError, HttpServer, LogFn};
 
 /// What the exporter knows of one VM.
 #[derive(Debug, Clone)]
@@ -291,25 +292,15 @@ pub enum ExporterError {
     /// The registry refused a collector.
     #[error("metrics registry: {0}")]
     Registry(#[from] prometheus::Error),
-    /// The address cannot be bound.
-    #[error("cannot listen on {addr}: {reason}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        reason: String,
-    },
+    /// The HTTP server could not be started (binding is not an error: it is retried).
+    #[error(transparent)]
+    Http(#[from] HttpError),
 }
 
-/// The running HTTP endpoint.
+/// The running `/metrics` endpoint (see [`super::http`] for its limits).
 pub struct Exporter {
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    workers: Vec<JoinHandle<()>>,
+    server: HttpServer,
 }
-
-/// Threads answering scrapes; a slow client holds one, not all.
-pub const WORKERS: usize = 4;
 
 /// Render the registry in the Prometheus text format.
 pub fn render(registry: &Registry) -> Vec<u8> {
@@ -320,81 +311,29 @@ pub fn render(registry: &Registry) -> Vec<u8> {
 
 impl Exporter {
     /// Serve `/metrics` for `fleet` (plus this process's `process_*` metrics) on `addr`.
-    pub fn start(addr: SocketAddr, fleet: Arc<FleetMetrics>) -> Result<Self, ExporterError> {
+    /// A bind failure is logged through `log` and retried, never returned.
+    pub fn start(
+        addr: SocketAddr,
+        fleet: Arc<FleetMetrics>,
+        log: LogFn,
+    ) -> Result<Self, ExporterError> {
         let registry = Registry::new();
         registry.register(Box::new(FleetCollector::new(fleet)?))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        let server = tiny_http::Server::http(addr).map_err(|e| ExporterError::Bind {
-            addr,
-            reason: e.to_string(),
-        })?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| ExporterError::Bind {
-                addr,
-                reason: "not an IP listener".into(),
-            })?;
-        let server = Arc::new(server);
-        let registry = Arc::new(registry);
-        let workers = (0..WORKERS)
-            .filter_map(|i| {
-                let server = server.clone();
-                let registry = registry.clone();
-                std::thread::Builder::new()
-                    .name(format!("metrics_{i}"))
-                    .spawn(move || serve(&server, &registry))
-                    .ok()
-            })
-            .collect();
-        Ok(Exporter {
-            server,
-            addr: bound,
-            workers,
-        })
+        let server = HttpServer::start(addr, Arc::new(move || render(&registry)), log)?;
+        Ok(Exporter { server })
     }
 
-    /// The address actually bound (useful with port 0).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The address bound (the real port with port 0); `None` while a bind is retried.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.server.addr()
     }
-}
 
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        for _ in &self.workers {
-            self.server.unblock();
-        }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-}
-
-fn serve(server: &tiny_http::Server, registry: &Registry) {
-    while let Ok(req) = server.recv() {
-        let path = req.url().split('?').next().unwrap_or("");
-        let resp = match (req.method(), path) {
-            (tiny_http::Method::Get, "/metrics") => {
-                let ct = tiny_http::Header::from_bytes(
-                    &b"Content-Type"[..],
-                    &b"text/plain; version=0.0.4; charset=utf-8"[..],
-                );
-                let r = tiny_http::Response::from_data(render(registry));
-                match ct {
-                    Ok(h) => r.with_header(h),
-                    Err(()) => r,
-                }
-            }
-            (tiny_http::Method::Get, _) => {
-                tiny_http::Response::from_string("not found\n").with_status_code(404)
-            }
-            _ => tiny_http::Response::from_string("method not allowed\n").with_status_code(405),
-        };
-        // A client that went away is its own problem.
-        let _ = req.respond(resp);
+    /// A handle to move the endpoint to another address (at a reload).
+    pub fn address_handle(&self) -> AddressHandle {
+        self.server.address_handle()
     }
 }
 

@@ -1,4 +1,6 @@
-//! What the fleet counts and exports: per-vCPU exit counters.
+//! What the fleet counts and exports: per-vCPU exit counters, and the bounded `/metrics`
+//! endpoint.
 
 pub mod counters;
 pub mod exporter;
+pub mod http;

@@ -197,6 +197,8 @@ pub struct Supervisor<S: Spawner> {
     /// Where loader threads send their result (set by `run`).
     events: Option<Sender<Event>>,
     cgroups: cgroup::FleetCgroups,
+    /// Called by a reload whose settings change `metrics_address`.
+    on_metrics_address: Option<Box<dyn FnMut(std::net::SocketAddr) + Send>>,
 }
 
 /// Every state name, for the exporter.
@@ -239,6 +241,7 @@ impl<S: Spawner> Supervisor<S> {
             reload: ReloadState::Idle,
             events: None,
             cgroups: cgroup::FleetCgroups::disabled(),
+            on_metrics_address: None,
         }
     }
 
@@ -268,6 +271,15 @@ impl<S: Spawner> Supervisor<S> {
     /// Publish state to `metrics` after every change.
     pub fn with_metrics(mut self, metrics: Arc<FleetMetrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Call `f` with the new address when a reload changes `metrics_address`.
+    pub fn on_metrics_address_change(
+        mut self,
+        f: impl FnMut(std::net::SocketAddr) + Send + 'static,
+    ) -> Self {
+        self.on_metrics_address = Some(Box::new(f));
         self
     }
 
@@ -649,6 +661,11 @@ impl<S: Spawner> Supervisor<S> {
                 return;
             }
         };
+        if settings.metrics_address != self.settings.metrics_address
+            && let Some(f) = &mut self.on_metrics_address
+        {
+            f(settings.metrics_address);
+        }
         self.settings = settings;
         let now = Instant::now();
         let mut new: BTreeMap<String, VmSpec> =

@@ -1,0 +1,582 @@
+//! The bounded HTTP endpoint that serves `/metrics`: hyper 1.x (HTTP/1 only) on a tokio
+//! current-thread runtime running on one thread named `metrics`.
+//!
+//! Nothing a local client does can starve or bloat it: request heads are capped at
+//! [`MAX_HEAD_BYTES`] (hyper answers 431 and closes), a head must arrive within
+//! [`HEADER_READ_TIMEOUT`], every connection ends by [`CONNECTION_DEADLINE`] (plus
+//! [`CLOSE_GRACE`] to finish a response), at most [`MAX_CONNECTIONS`] are open at once.
+//! Past that cap the oldest connection that has no request in progress (none sent yet,
+//! or its last one older than [`STALLED_AFTER`]) is closed to make room; with no such
+//! connection the new one is closed at once. Accept errors (EMFILE, ...) are logged,
+//! rate-limited, and followed by a short pause: they never end the listener. A bind
+//! failure is logged and retried with a growing delay; the address can be changed while
+//! running ([`AddressHandle`]). Dropping the [`HttpServer`] stops the runtime without
+//! waiting for any client.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+/// Connections open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Cap on a request head (request line plus headers): hyper's `max_buf_size`, whose
+/// smallest accepted value is exactly this.
+pub const MAX_HEAD_BYTES: usize = 8192;
+/// A request head must arrive within this (also the idle keep-alive limit).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Every connection is asked to close after this long...
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// ...and dropped if its response is still not out this long after that.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// A connection whose last request is older than this may be closed to make room.
+pub const STALLED_AFTER: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (EMFILE would otherwise spin).
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// At most one log line per this long about failed accepts.
+pub const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+/// First delay before binding again after a failure; it doubles up to [`BIND_RETRY_MAX`].
+pub const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest delay between bind attempts.
+pub const BIND_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Listen backlog.
+const BACKLOG: u32 = 1024;
+/// The Prometheus text format's content type.
+pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Where the server logs: `(syslog priority, message)`.
+pub type LogFn = Arc<dyn Fn(u8, &str) + Send + Sync>;
+/// Renders the page served at `/metrics`.
+pub type RenderFn = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// Errors starting the server (binding is not one: it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The tokio runtime could not be built.
+    #[error("metrics runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The `metrics` thread could not be started.
+    #[error("metrics thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Changes the address the running server listens on.
+#[derive(Clone)]
+pub struct AddressHandle {
+    tx: Arc<watch::Sender<SocketAddr>>,
+}
+
+impl AddressHandle {
+    /// Listen on `addr` from now on: the old listener closes once the new one is bound;
+    /// a failed bind is logged and retried (the old one serves meanwhile).
+    pub fn set(&self, addr: SocketAddr) {
+        self.tx.send_replace(addr);
+    }
+}
+
+/// The running server; dropping it stops it at once.
+pub struct HttpServer {
+    bound: Arc<Mutex<Option<SocketAddr>>>,
+    addr_tx: Arc<watch::Sender<SocketAddr>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Serve `render()` at `GET /metrics` on `addr`. The first bind is tried before this
+    /// returns (so [`HttpServer::addr`] is known when it works); a failure is logged and
+    /// retried in the background.
+    pub fn start(addr: SocketAddr, render: RenderFn, log: LogFn) -> Result<Self, HttpError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(HttpError::Runtime)?;
+        let bound = Arc::new(Mutex::new(None));
+        let (addr_tx, addr_rx) = watch::channel(addr);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let server = Server {
+            render,
+            log,
+            bound: bound.clone(),
+            conns: Arc::new(Mutex::new(Conns::default())),
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        };
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                rt.block_on(server.run(addr_rx, stop_rx, first_tx));
+                // Connection tasks are dropped, never awaited: a stuck client cannot
+                // hold up shutdown.
+                rt.shutdown_background();
+            })
+            .map_err(HttpError::Thread)?;
+        // Wait for the first bind attempt (it does not block: a bounded wait anyway).
+        let _ = first_rx.recv_timeout(Duration::from_secs(5));
+        Ok(HttpServer {
+            bound,
+            addr_tx: Arc::new(addr_tx),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address currently bound (the real port with port 0), `None` while not bound.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        *self.bound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A handle to change the address later.
+    pub fn address_handle(&self) -> AddressHandle {
+        AddressHandle {
+            tx: self.addr_tx.clone(),
+        }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One open connection, by accept order.
+struct Conn {
+    abort: Option<AbortHandle>,
+    last_request: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Conns {
+    next_id: u64,
+    open: BTreeMap<u64, Conn>,
+}
+
+impl Conns {
+    /// Close the oldest connection with no request in progress; false if there is none.
+    fn evict_one(&mut self, now: Instant) -> bool {
+        let victim = self.open.iter().find(|(_, c)| {
+            c.abort.is_some()
+                && c.last_request
+                    .is_none_or(|t| now.duration_since(t) >= STALLED_AFTER)
+        });
+        match victim.map(|(id, _)| *id) {
+            Some(id) => {
+                if let Some(a) = self.open.remove(&id).and_then(|c| c.abort) {
+                    a.abort();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes its connection from the table when the connection's task ends or is dropped.
+struct ConnGuard {
+    id: u64,
+    conns: Arc<Mutex<Conns>>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.conns).open.remove(&self.id);
+    }
+}
+
+fn lock(c: &Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
+    c.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What woke the accept loop.
+enum Wake {
+    Stop,
+    AddressChanged,
+    RetryBind,
+    Resume,
+    Accepted(std::io::Result<(TcpStream, SocketAddr)>),
+}
+
+/// A bind that failed and will be tried again.
+struct Pending {
+    at: Instant,
+    delay: Duration,
+    failures: u32,
+    last_error: String,
+}
+
+struct Listening {
+    listener: TcpListener,
+    /// The address asked for (with port 0 the bound port differs).
+    wanted: SocketAddr,
+}
+
+struct Server {
+    render: RenderFn,
+    log: LogFn,
+    bound: Arc<Mutex<Option<SocketAddr>>>,
+    conns: Arc<Mutex<Conns>>,
+    slots: Arc<Semaphore>,
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(BACKLOG)
+}
+
+async fn accept(l: &Option<Listening>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_until(at: Option<Instant>) {
+    match at {
+        Some(t) => sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Server {
+    async fn run(
+        self,
+        mut addr_rx: watch::Receiver<SocketAddr>,
+        mut stop: oneshot::Receiver<()>,
+        first: std::sync::mpsc::Sender<()>,
+    ) {
+        let mut listening: Option<Listening> = None;
+        let mut pending: Option<Pending> = None;
+        let want = *addr_rx.borrow_and_update();
+        self.try_bind(want, &mut listening, &mut pending);
+        let _ = first.send(());
+        let mut paused_until: Option<Instant> = None;
+        let mut accept_errors = (0u64, None::<Instant>);
+        loop {
+            let wake = tokio::select! {
+                _ = &mut stop => Wake::Stop,
+                r = addr_rx.changed() => match r {
+                    Ok(()) => Wake::AddressChanged,
+                    Err(_) => Wake::Stop,
+                },
+                _ = wait_until(pending.as_ref().map(|p| p.at)) => Wake::RetryBind,
+                _ = wait_until(paused_until) => Wake::Resume,
+                r = accept(&listening), if paused_until.is_none() => Wake::Accepted(r),
+            };
+            match wake {
+                Wake::Stop => return,
+                Wake::AddressChanged => {
+                    let want = *addr_rx.borrow_and_update();
+                    if listening.as_ref().is_some_and(|l| l.wanted == want) {
+                        pending = None;
+                    } else {
+                        pending = None;
+                        self.try_bind(want, &mut listening, &mut pending);
+                    }
+                }
+                Wake::RetryBind => {
+                    let want = *addr_rx.borrow();
+                    self.try_bind(want, &mut listening, &mut pending);
+                }
+                Wake::Resume => paused_until = None,
+                Wake::Accepted(Ok((stream, _))) => self.admit(stream).await,
+                Wake::Accepted(Err(e)) => {
+                    paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    self.accept_failed(&e, &mut accept_errors);
+                }
+            }
+        }
+    }
+
+    fn log(&self, prio: u8, msg: &str) {
+        (self.log)(prio, msg);
+    }
+
+    /// Bind `want`; on success it replaces the current listener, on failure the current
+    /// one (if any) keeps serving and a retry is scheduled.
+    fn try_bind(
+        &self,
+        want: SocketAddr,
+        listening: &mut Option<Listening>,
+        pending: &mut Option<Pending>,
+    ) {
+        match bind(want).and_then(|l| Ok((l.local_addr()?, l))) {
+            Ok((local, listener)) => {
+                let after = pending
+                    .take()
+                    .map(|p| format!(" (after {} failed attempts)", p.failures))
+                    .unwrap_or_default();
+                let moved = listening
+                    .as_ref()
+                    .and_then(|l| l.listener.local_addr().ok())
+                    .map(|old| format!("; no longer on {old}"))
+                    .unwrap_or_default();
+                *listening = Some(Listening {
+                    listener,
+                    wanted: want,
+                });
+                *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(local);
+                self.log(6, &format!("metrics on http://{local}/metrics{after}{moved}"));
+            }
+            Err(e) => {
+                let err = e.to_string();
+                let (delay, failures, changed) = match pending.take() {
+                    None => (BIND_RETRY_FIRST, 1, true),
+                    Some(p) => (
+                        (p.delay * 2).min(BIND_RETRY_MAX),
+                        p.failures + 1,
+                        p.last_error != err,
+                    ),
+                };
+                // The first failure, a new error, and then once the delay is at its
+                // longest (every 30 s at most).
+                if changed || delay == BIND_RETRY_MAX {
+                    let serving = listening
+                        .as_ref()
+                        .and_then(|l| l.listener.local_addr().ok())
+                        .map(|a| format!("still serving on {a}"))
+                        .unwrap_or_else(|| "the VMs run without it".into());
+                    self.log(
+                        3,
+                        &format!(
+                            "metrics: cannot listen on {want}: {err}; {serving}; retrying in {} s",
+                            delay.as_secs()
+                        ),
+                    );
+                }
+                *pending = Some(Pending {
+                    at: Instant::now() + delay,
+                    delay,
+                    failures,
+                    last_error: err,
+                });
+            }
+        }
+    }
+
+    fn accept_failed(&self, e: &std::io::Error, (count, last): &mut (u64, Option<Instant>)) {
+        *count += 1;
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY) {
+            self.log(
+                4,
+                &format!(
+                    "metrics: accept failed: {e} ({count} failure(s) since the last report); \
+                     pausing {} ms, the listener stays",
+                    ACCEPT_PAUSE.as_millis()
+                ),
+            );
+            *count = 0;
+            *last = Some(now);
+        }
+    }
+
+    /// Take a connection slot for `stream` (closing an idle connection if need be) and
+    /// serve it; with no slot to be had it is closed at once (dropped).
+    async fn admit(&self, stream: TcpStream) {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if !lock(&self.conns).evict_one(Instant::now()) {
+                    return;
+                }
+                // The evicted task gives its slot back when the runtime drops it, which
+                // happens while this waits.
+                match timeout(Duration::from_secs(1), self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => return,
+                }
+            }
+        };
+        let id = {
+            let mut c = lock(&self.conns);
+            c.next_id += 1;
+            let id = c.next_id;
+            c.open.insert(
+                id,
+                Conn {
+                    abort: None,
+                    last_request: None,
+                },
+            );
+            id
+        };
+        let guard = ConnGuard {
+            id,
+            conns: self.conns.clone(),
+        };
+        let task = tokio::spawn(serve_connection(stream, guard, self.render.clone(), permit));
+        if let Some(c) = lock(&self.conns).open.get_mut(&id) {
+            c.abort = Some(task.abort_handle());
+        }
+    }
+}
+
+fn respond(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// The one route: `GET /metrics`; other paths 404, other methods 405.
+fn route(req: &Request<Incoming>, render: &RenderFn) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => respond(StatusCode::OK, render(), CONTENT_TYPE_TEXT),
+        (&Method::GET, _) => respond(
+            StatusCode::NOT_FOUND,
+            b"not found\n".to_vec(),
+            "text/plain; charset=utf-8",
+        ),
+        _ => {
+            let mut r = respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                b"method not allowed\n".to_vec(),
+                "text/plain; charset=utf-8",
+            );
+            r.headers_mut()
+                .insert(hyper::header::ALLOW, HeaderValue::from_static("GET"));
+            r
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    guard: ConnGuard,
+    render: RenderFn,
+    _permit: OwnedSemaphorePermit,
+) {
+    let (id, conns) = (guard.id, guard.conns.clone());
+    let svc = service_fn(move |req: Request<Incoming>| {
+        if let Some(c) = lock(&conns).open.get_mut(&id) {
+            c.last_request = Some(Instant::now());
+        }
+        let resp = route(&req, &render);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEAD_BYTES)
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = sleep(CONNECTION_DEADLINE) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = timeout(CLOSE_GRACE, conn).await;
+    drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn server(addr: &str) -> (HttpServer, Arc<Mutex<Vec<String>>>) {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l = lines.clone();
+        let s = HttpServer::start(
+            addr.parse().unwrap(),
+            Arc::new(|| b"up 1\n".to_vec()),
+            Arc::new(move |_, m: &str| l.lock().unwrap().push(m.to_string())),
+        )
+        .unwrap();
+        (s, lines)
+    }
+
+    fn get(addr: SocketAddr, req: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn routes_and_content_type() {
+        let (s, _) = server("127.0.0.1:0");
+        let a = s.addr().unwrap();
+        let ok = get(a, "GET /metrics HTTP/1.0\r\n\r\n");
+        assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
+        assert!(ok.contains("content-type: text/plain; version=0.0.4"), "{ok}");
+        assert!(ok.ends_with("up 1\n"));
+        assert!(get(a, "GET /x HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 404"));
+        assert!(get(a, "POST /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 405"));
+    }
+
+    #[test]
+    fn an_oversized_head_is_refused() {
+        let (s, _) = server("127.0.0.1:0");
+        let big = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+        let r = get(s.addr().unwrap(), &big);
+        assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    }
+
+    #[test]
+    fn idle_connections_make_room_for_a_scrape() {
+        let (s, _) = server("127.0.0.1:0");
+        let a = s.addr().unwrap();
+        let idle: Vec<_> = (0..MAX_CONNECTIONS * 3)
+            .map(|_| std::net::TcpStream::connect(a).unwrap())
+            .collect();
+        let t = std::time::Instant::now();
+        assert!(get(a, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 200"));
+        assert!(t.elapsed() < HEADER_READ_TIMEOUT);
+        drop(idle);
+    }
+
+    #[test]
+    fn a_taken_port_is_retried_and_the_address_can_move() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = holder.local_addr().unwrap();
+        let (s, lines) = server(&taken.to_string());
+        assert_eq!(s.addr(), None);
+        assert!(lines.lock().unwrap()[0].contains("cannot listen on"));
+        drop(holder);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while s.addr().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(s.addr(), Some(taken));
+        s.address_handle().set("127.0.0.1:0".parse().unwrap());
+        while s.addr() == Some(taken) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let new = s.addr().unwrap();
+        assert_ne!(new, taken);
+        assert!(get(new, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 200"));
+        assert!(std::net::TcpStream::connect(taken).is_err());
+    }
+}
