@@ -342,7 +342,10 @@ impl Server {
                     wanted: want,
                 });
                 *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(local);
-                self.log(6, &format!("metrics on http://{local}/metrics{after}{moved}"));
+                self.log(
+                    6,
+                    &format!("metrics on http://{local}/metrics{after}{moved}"),
+                );
             }
             Err(e) => {
                 let err = e.to_string();
@@ -530,7 +533,10 @@ mod tests {
         let a = s.addr().unwrap();
         let ok = get(a, "GET /metrics HTTP/1.0\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.0 200"), "{ok}");
-        assert!(ok.contains("content-type: text/plain; version=0.0.4"), "{ok}");
+        assert!(
+            ok.contains("content-type: text/plain; version=0.0.4"),
+            "{ok}"
+        );
         assert!(ok.ends_with("up 1\n"));
         assert!(get(a, "GET /x HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 404"));
         assert!(get(a, "POST /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 405"));

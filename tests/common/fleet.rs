@@ -20,13 +20,20 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn up(dir: &Path) -> Fleet {
-        let mut child = Command::new(bin())
-            .arg("up")
+        Self::up_with_metrics(dir, Some("127.0.0.1:0"))
+    }
+
+    /// `up` with `--metrics-address ADDR`, or with no such flag (the settings decide).
+    pub fn up_with_metrics(dir: &Path, metrics_address: Option<&str>) -> Fleet {
+        let mut cmd = Command::new(bin());
+        cmd.arg("up")
             .arg(dir)
             .arg("--log-dir")
-            .arg(dir.join("logs"))
-            .arg("--metrics-address")
-            .arg("127.0.0.1:0")
+            .arg(dir.join("logs"));
+        if let Some(a) = metrics_address {
+            cmd.arg("--metrics-address").arg(a);
+        }
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
