@@ -293,7 +293,11 @@ impl Server {
                 Wake::Stop => return,
                 Wake::AddressChanged => {
                     let want = *addr_rx.borrow_and_update();
-                    if listening.as_ref().is_some_and(|l| l.wanted == want) {
+                    if let Some(l) = listening.as_mut().filter(|l| {
+                        l.wanted == want || l.listener.local_addr().is_ok_and(|a| a == want)
+                    }) {
+                        // Already there (a retry of another address is called off).
+                        l.wanted = want;
                         pending = None;
                     } else {
                         pending = None;
