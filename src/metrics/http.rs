@@ -53,6 +53,33 @@ pub const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 pub const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest delay between bind attempts.
 pub const BIND_RETRY_MAX: Duration = Duration::from_secs(30);
+/// The limits of one server; [`Limits::default`] holds the constants above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// A request head must arrive within this.
+    pub header_read_timeout: Duration,
+    /// A connection is asked to close after this long.
+    pub connection_deadline: Duration,
+    /// ... and dropped this long after that.
+    pub close_grace: Duration,
+    /// A connection whose last request is older than this may be closed to make room.
+    pub stalled_after: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            connection_deadline: CONNECTION_DEADLINE,
+            close_grace: CLOSE_GRACE,
+            stalled_after: STALLED_AFTER,
+        }
+    }
+}
+
 /// Listen backlog.
 const BACKLOG: u32 = 1024;
 /// The Prometheus text format's content type.
@@ -91,6 +118,7 @@ impl AddressHandle {
 /// The running server; dropping it stops it at once.
 pub struct HttpServer {
     bound: Arc<Mutex<Option<SocketAddr>>>,
+    conns: Arc<Mutex<Conns>>,
     addr_tx: Arc<watch::Sender<SocketAddr>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -101,6 +129,16 @@ impl HttpServer {
     /// returns (so [`HttpServer::addr`] is known when it works); a failure is logged and
     /// retried in the background.
     pub fn start(addr: SocketAddr, render: RenderFn, log: LogFn) -> Result<Self, HttpError> {
+        Self::start_with(addr, render, log, Limits::default())
+    }
+
+    /// [`HttpServer::start`] with other limits.
+    pub fn start_with(
+        addr: SocketAddr,
+        render: RenderFn,
+        log: LogFn,
+        limits: Limits,
+    ) -> Result<Self, HttpError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -110,12 +148,15 @@ impl HttpServer {
         let (addr_tx, addr_rx) = watch::channel(addr);
         let (stop_tx, stop_rx) = oneshot::channel();
         let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let conns = Arc::new(Mutex::new(Conns::default()));
         let server = Server {
             render,
             log,
             bound: bound.clone(),
-            conns: Arc::new(Mutex::new(Conns::default())),
-            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            conns: conns.clone(),
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            full: Mutex::new(RateLimited::default()),
         };
         let thread = std::thread::Builder::new()
             .name("metrics".into())
@@ -130,6 +171,7 @@ impl HttpServer {
         let _ = first_rx.recv_timeout(Duration::from_secs(5));
         Ok(HttpServer {
             bound,
+            conns,
             addr_tx: Arc::new(addr_tx),
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -139,6 +181,11 @@ impl HttpServer {
     /// The address currently bound (the real port with port 0), `None` while not bound.
     pub fn addr(&self) -> Option<SocketAddr> {
         *self.bound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        lock(&self.conns).open.len()
     }
 
     /// A handle to change the address later.
@@ -174,11 +221,11 @@ struct Conns {
 
 impl Conns {
     /// Close the oldest connection with no request in progress; false if there is none.
-    fn evict_one(&mut self, now: Instant) -> bool {
+    fn evict_one(&mut self, now: Instant, stalled_after: Duration) -> bool {
         let victim = self.open.iter().find(|(_, c)| {
             c.abort.is_some()
                 && c.last_request
-                    .is_none_or(|t| now.duration_since(t) >= STALLED_AFTER)
+                    .is_none_or(|t| now.duration_since(t) >= stalled_after)
         });
         match victim.map(|(id, _)| *id) {
             Some(id) => {
@@ -237,6 +284,32 @@ struct Server {
     bound: Arc<Mutex<Option<SocketAddr>>>,
     conns: Arc<Mutex<Conns>>,
     slots: Arc<Semaphore>,
+    limits: Limits,
+    /// Reports of the connection cap being reached.
+    full: Mutex<RateLimited>,
+}
+
+/// Counts events and says when one more log line about them is due (at most one per
+/// [`ACCEPT_LOG_EVERY`]).
+#[derive(Default)]
+struct RateLimited {
+    since_report: u64,
+    last: Option<Instant>,
+}
+
+impl RateLimited {
+    /// Count one event; `Some(events since the last report)` when a line is due.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.since_report += 1;
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_LOG_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since_report))
+    }
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -277,7 +350,7 @@ impl Server {
         self.try_bind(want, &mut listening, &mut pending);
         let _ = first.send(());
         let mut paused_until: Option<Instant> = None;
-        let mut accept_errors = (0u64, None::<Instant>);
+        let mut accept_errors = RateLimited::default();
         loop {
             let wake = tokio::select! {
                 _ = &mut stop => Wake::Stop,
@@ -387,20 +460,34 @@ impl Server {
         }
     }
 
-    fn accept_failed(&self, e: &std::io::Error, (count, last): &mut (u64, Option<Instant>)) {
-        *count += 1;
-        let now = Instant::now();
-        if last.is_none_or(|t| now.duration_since(t) >= ACCEPT_LOG_EVERY) {
+    fn accept_failed(&self, e: &std::io::Error, errors: &mut RateLimited) {
+        if let Some(n) = errors.hit(Instant::now()) {
             self.log(
                 4,
                 &format!(
-                    "metrics: accept failed: {e} ({count} failure(s) since the last report); \
+                    "metrics: accept failed: {e} ({n} failure(s) since the last report); \
                      pausing {} ms, the listener stays",
                     ACCEPT_PAUSE.as_millis()
                 ),
             );
-            *count = 0;
-            *last = Some(now);
+        }
+    }
+
+    /// Log (rate-limited) that the connection cap was reached.
+    fn cap_reached(&self, what: &str) {
+        let due = self
+            .full
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .hit(Instant::now());
+        if let Some(n) = due {
+            self.log(
+                4,
+                &format!(
+                    "metrics: {} connections open ({n} time(s) since the last report); {what}",
+                    self.limits.max_connections
+                ),
+            );
         }
     }
 
@@ -410,9 +497,12 @@ impl Server {
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if !lock(&self.conns).evict_one(Instant::now()) {
+                let now = Instant::now();
+                if !lock(&self.conns).evict_one(now, self.limits.stalled_after) {
+                    self.cap_reached("none idle: new connections are closed at once");
                     return;
                 }
+                self.cap_reached("the oldest idle ones are closed to make room");
                 // The evicted task gives its slot back when the runtime drops it, which
                 // happens while this waits.
                 match timeout(Duration::from_secs(1), self.slots.clone().acquire_owned()).await {
@@ -438,7 +528,13 @@ impl Server {
             id,
             conns: self.conns.clone(),
         };
-        let task = tokio::spawn(serve_connection(stream, guard, self.render.clone(), permit));
+        let task = tokio::spawn(serve_connection(
+            stream,
+            guard,
+            self.render.clone(),
+            self.limits,
+            permit,
+        ));
         if let Some(c) = lock(&self.conns).open.get_mut(&id) {
             c.abort = Some(task.abort_handle());
         }
@@ -479,6 +575,7 @@ async fn serve_connection(
     stream: TcpStream,
     guard: ConnGuard,
     render: RenderFn,
+    limits: Limits,
     _permit: OwnedSemaphorePermit,
 ) {
     let (id, conns) = (guard.id, guard.conns.clone());
@@ -493,15 +590,15 @@ async fn serve_connection(
     builder
         .timer(TokioTimer::new())
         .max_buf_size(MAX_HEAD_BYTES)
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(limits.header_read_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => return,
-        _ = sleep(CONNECTION_DEADLINE) => {}
+        _ = sleep(limits.connection_deadline) => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = timeout(CLOSE_GRACE, conn).await;
+    let _ = timeout(limits.close_grace, conn).await;
     drop(guard);
 }
 
@@ -510,16 +607,46 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    fn server(addr: &str) -> (HttpServer, Arc<Mutex<Vec<String>>>) {
+    type Lines = Arc<Mutex<Vec<String>>>;
+
+    fn server(addr: &str) -> (HttpServer, Lines) {
+        server_with(addr, Limits::default(), 5)
+    }
+
+    /// A server whose page is `body_len` bytes.
+    fn server_with(addr: &str, limits: Limits, body_len: usize) -> (HttpServer, Lines) {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let l = lines.clone();
-        let s = HttpServer::start(
+        let page: Vec<u8> = b"up 1\n".iter().copied().cycle().take(body_len).collect();
+        let s = HttpServer::start_with(
             addr.parse().unwrap(),
-            Arc::new(|| b"up 1\n".to_vec()),
+            Arc::new(move || page.clone()),
             Arc::new(move |_, m: &str| l.lock().unwrap().push(m.to_string())),
+            limits,
         )
         .unwrap();
         (s, lines)
+    }
+
+    fn poll_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let end = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        f()
+    }
+
+    /// A client with a tiny receive buffer that pipelines `n` scrapes and never reads.
+    fn non_reader(addr: SocketAddr, n: usize) -> socket2::Socket {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&addr.into()).unwrap();
+        let req = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(n);
+        (&s).write_all(req.as_bytes()).unwrap();
+        s
     }
 
     fn get(addr: SocketAddr, req: &str) -> String {
@@ -588,5 +715,95 @@ mod tests {
         assert_ne!(new, taken);
         assert!(get(new, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 200"));
         assert!(std::net::TcpStream::connect(taken).is_err());
+    }
+
+    #[test]
+    fn a_slow_head_is_cut_at_the_header_read_timeout() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let (s, _) = server_with("127.0.0.1:0", limits, 5);
+        let mut c = std::net::TcpStream::connect(s.addr().unwrap()).unwrap();
+        let t = std::time::Instant::now();
+        let mut closed = false;
+        for b in b"GET /metrics HTTP/1.1\r\nX: ".iter().cycle().take(400) {
+            if c.write_all(&[*b]).is_err() {
+                closed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(closed || poll_until(Duration::from_secs(2), || s.connections() == 0));
+        let took = t.elapsed();
+        assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+        assert!(took < Duration::from_secs(4), "closed after {took:?}");
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped_at_the_deadline() {
+        let limits = Limits {
+            connection_deadline: Duration::from_secs(1),
+            close_grace: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        // 100 pipelined scrapes of 500 KB each: far more than the socket buffers hold.
+        let (s, _) = server_with("127.0.0.1:0", limits, 500 << 10);
+        let c = non_reader(s.addr().unwrap(), 100);
+        assert!(poll_until(Duration::from_secs(2), || s.connections() == 1));
+        let t = std::time::Instant::now();
+        assert!(poll_until(Duration::from_secs(10), || s.connections() == 0));
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+        drop(c);
+    }
+
+    #[test]
+    fn past_the_cap_with_nothing_idle_a_new_connection_is_closed_at_once() {
+        let limits = Limits {
+            max_connections: 2,
+            stalled_after: Duration::from_secs(600),
+            ..Limits::default()
+        };
+        let (s, lines) = server_with("127.0.0.1:0", limits, 500 << 10);
+        let a = s.addr().unwrap();
+        let stuck = [non_reader(a, 10), non_reader(a, 10)];
+        assert!(poll_until(Duration::from_secs(2), || s.connections() == 2));
+        // Both have a request in progress: neither is closed to make room.
+        std::thread::sleep(Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        let r = get(a, "GET /metrics HTTP/1.0\r\n\r\n");
+        assert_eq!(r, "", "a third connection was served");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(s.connections(), 2);
+        assert!(
+            lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("2 connections open")),
+            "{:?}",
+            lines.lock().unwrap()
+        );
+        drop(stuck);
+        // Once they are gone a scrape is served again.
+        assert!(poll_until(Duration::from_secs(5), || {
+            get(a, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 200")
+        }));
+    }
+
+    #[test]
+    fn dropping_the_server_does_not_wait_for_stuck_clients() {
+        let (s, _) = server_with("127.0.0.1:0", Limits::default(), 500 << 10);
+        let a = s.addr().unwrap();
+        let stuck: Vec<_> = (0..8).map(|_| non_reader(a, 20)).collect();
+        assert!(poll_until(Duration::from_secs(2), || s.connections() == 8));
+        let t = std::time::Instant::now();
+        drop(s);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(stuck);
     }
 }
