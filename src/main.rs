@@ -239,7 +239,7 @@ fn metrics_address_changed(
             4,
             &format!(
                 "metrics_address changed to {new} in the settings: refused, \
-                 --metrics-address {cli} on the command line overrides it (still on {cli})"
+                 --metrics-address {cli} on the command line overrides it"
             ),
         ),
         (None, Some(h)) => {

@@ -53,6 +53,7 @@ pub const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 pub const BIND_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest delay between bind attempts.
 pub const BIND_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// The limits of one server; [`Limits::default`] holds the constants above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -407,7 +408,7 @@ impl Server {
             Ok((local, listener)) => {
                 let after = pending
                     .take()
-                    .map(|p| format!(" (after {} failed attempts)", p.failures))
+                    .map(|p| format!(" (after {} failed attempt(s))", p.failures))
                     .unwrap_or_default();
                 let moved = listening
                     .as_ref()
