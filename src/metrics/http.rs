@@ -5,9 +5,10 @@
 //! [`MAX_HEAD_BYTES`] (hyper answers 431 and closes), a head must arrive within
 //! [`HEADER_READ_TIMEOUT`], every connection ends by [`CONNECTION_DEADLINE`] (plus
 //! [`CLOSE_GRACE`] to finish a response), at most [`MAX_CONNECTIONS`] are open at once.
-//! Past that cap the oldest connection that has no request in progress (none sent yet,
-//! or its last one older than [`STALLED_AFTER`]) is closed to make room; with no such
-//! connection the new one is closed at once. Accept errors (EMFILE, ...) are logged,
+//! Past that cap a connection is closed to make room: one that sent no request, else
+//! one whose last request is [`STALLED_AFTER`] old, else one open that long; with no such
+//! connection the new one is closed at once. The page is rendered at most once per
+//! [`PAGE_REUSE`], however many requests arrive. Accept errors (EMFILE, ...) are logged,
 //! rate-limited, and followed by a short pause: they never end the listener. A bind
 //! failure is logged and retried with a growing delay; the address can be changed while
 //! running ([`AddressHandle`]). Dropping the [`HttpServer`] stops the runtime without
@@ -45,6 +46,8 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// A connection whose last request is older than this may be closed to make room.
 pub const STALLED_AFTER: Duration = Duration::from_secs(5);
+/// A page rendered less than this long ago is served again instead of a new render.
+pub const PAGE_REUSE: Duration = Duration::from_millis(100);
 /// Pause after a failed accept (EMFILE would otherwise spin).
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// At most one log line per this long about failed accepts.
@@ -67,6 +70,8 @@ pub struct Limits {
     pub close_grace: Duration,
     /// A connection whose last request is older than this may be closed to make room.
     pub stalled_after: Duration,
+    /// A page rendered less than this long ago is served again.
+    pub page_reuse: Duration,
 }
 
 impl Default for Limits {
@@ -77,6 +82,7 @@ impl Default for Limits {
             connection_deadline: CONNECTION_DEADLINE,
             close_grace: CLOSE_GRACE,
             stalled_after: STALLED_AFTER,
+            page_reuse: PAGE_REUSE,
         }
     }
 }
@@ -151,7 +157,11 @@ impl HttpServer {
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let conns = Arc::new(Mutex::new(Conns::default()));
         let server = Server {
-            render,
+            page: Arc::new(Page {
+                render,
+                reuse: limits.page_reuse,
+                last: Mutex::new(None),
+            }),
             log,
             bound: bound.clone(),
             conns: conns.clone(),
@@ -211,6 +221,7 @@ impl Drop for HttpServer {
 /// One open connection, by accept order.
 struct Conn {
     abort: Option<AbortHandle>,
+    opened: Instant,
     last_request: Option<Instant>,
 }
 
@@ -221,14 +232,27 @@ struct Conns {
 }
 
 impl Conns {
-    /// Close the oldest connection with no request in progress; false if there is none.
+    /// Close one connection to make room, the first found of: the oldest that never
+    /// sent a request, the oldest whose last request is `stalled_after` old (stuck or idle
+    /// keep-alive), the oldest open for `stalled_after` (a client pipelining requests
+    /// without end). False if there is none: every connection is young and busy.
     fn evict_one(&mut self, now: Instant, stalled_after: Duration) -> bool {
-        let victim = self.open.iter().find(|(_, c)| {
-            c.abort.is_some()
-                && c.last_request
-                    .is_none_or(|t| now.duration_since(t) >= stalled_after)
-        });
-        match victim.map(|(id, _)| *id) {
+        let old = |t: Instant| now.duration_since(t) >= stalled_after;
+        let victim = self
+            .open
+            .iter()
+            .filter(|(_, c)| c.abort.is_some())
+            .filter_map(|(id, c)| {
+                let class = match c.last_request {
+                    None => 0,
+                    Some(t) if old(t) => 1,
+                    Some(_) if old(c.opened) => 2,
+                    Some(_) => return None,
+                };
+                Some((class, *id))
+            })
+            .min();
+        match victim.map(|(_, id)| id) {
             Some(id) => {
                 if let Some(a) = self.open.remove(&id).and_then(|c| c.abort) {
                     a.abort();
@@ -236,6 +260,29 @@ impl Conns {
                 true
             }
             None => false,
+        }
+    }
+}
+
+/// The page, rendered at most once per [`Limits::page_reuse`]: many scrapes at once, or
+/// one client pipelining requests, cost one render.
+struct Page {
+    render: RenderFn,
+    reuse: Duration,
+    last: Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl Page {
+    fn get(&self) -> Bytes {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        match &*last {
+            Some((t, b)) if now.duration_since(*t) < self.reuse => b.clone(),
+            _ => {
+                let b = Bytes::from((self.render)());
+                *last = Some((now, b.clone()));
+                b
+            }
         }
     }
 }
@@ -280,7 +327,7 @@ struct Listening {
 }
 
 struct Server {
-    render: RenderFn,
+    page: Arc<Page>,
     log: LogFn,
     bound: Arc<Mutex<Option<SocketAddr>>>,
     conns: Arc<Mutex<Conns>>,
@@ -520,6 +567,7 @@ impl Server {
                 id,
                 Conn {
                     abort: None,
+                    opened: Instant::now(),
                     last_request: None,
                 },
             );
@@ -532,7 +580,7 @@ impl Server {
         let task = tokio::spawn(serve_connection(
             stream,
             guard,
-            self.render.clone(),
+            self.page.clone(),
             self.limits,
             permit,
         ));
@@ -542,8 +590,8 @@ impl Server {
     }
 }
 
-fn respond(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn respond(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -551,18 +599,18 @@ fn respond(status: StatusCode, body: Vec<u8>, content_type: &'static str) -> Res
 }
 
 /// The one route: `GET /metrics`; other paths 404, other methods 405.
-fn route(req: &Request<Incoming>, render: &RenderFn) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, page: &Page) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => respond(StatusCode::OK, render(), CONTENT_TYPE_TEXT),
+        (&Method::GET, "/metrics") => respond(StatusCode::OK, page.get(), CONTENT_TYPE_TEXT),
         (&Method::GET, _) => respond(
             StatusCode::NOT_FOUND,
-            b"not found\n".to_vec(),
+            Bytes::from_static(b"not found\n"),
             "text/plain; charset=utf-8",
         ),
         _ => {
             let mut r = respond(
                 StatusCode::METHOD_NOT_ALLOWED,
-                b"method not allowed\n".to_vec(),
+                Bytes::from_static(b"method not allowed\n"),
                 "text/plain; charset=utf-8",
             );
             r.headers_mut()
@@ -575,7 +623,7 @@ fn route(req: &Request<Incoming>, render: &RenderFn) -> Response<Full<Bytes>> {
 async fn serve_connection(
     stream: TcpStream,
     guard: ConnGuard,
-    render: RenderFn,
+    page: Arc<Page>,
     limits: Limits,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -584,7 +632,7 @@ async fn serve_connection(
         if let Some(c) = lock(&conns).open.get_mut(&id) {
             c.last_request = Some(Instant::now());
         }
-        let resp = route(&req, &render);
+        let resp = route(&req, &page);
         async move { Ok::<_, Infallible>(resp) }
     });
     let mut builder = http1::Builder::new();
@@ -806,5 +854,52 @@ mod tests {
             t.elapsed()
         );
         drop(stuck);
+    }
+
+    /// A client that pipelines requests and reads the answers without end; its threads
+    /// stop once the server closes the connection.
+    fn hog(addr: SocketAddr) -> std::net::TcpStream {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        let (mut w, mut r) = (s.try_clone().unwrap(), s.try_clone().unwrap());
+        std::thread::spawn(move || {
+            while w
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .is_ok()
+            {}
+        });
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while r.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        s
+    }
+
+    #[test]
+    fn clients_that_keep_the_server_busy_make_room_after_a_while() {
+        let limits = Limits {
+            max_connections: 2,
+            stalled_after: Duration::from_secs(1),
+            ..Limits::default()
+        };
+        let (s, _) = server_with("127.0.0.1:0", limits, 5000);
+        let a = s.addr().unwrap();
+        let hogs = [hog(a), hog(a)];
+        assert!(poll_until(Duration::from_secs(2), || s.connections() == 2));
+        // Both are being served.
+        assert!(poll_until(Duration::from_secs(2), || {
+            lock(&s.conns)
+                .open
+                .values()
+                .all(|c| c.last_request.is_some())
+        }));
+        let t = std::time::Instant::now();
+        assert!(poll_until(Duration::from_secs(10), || {
+            get(a, "GET /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 200")
+        }));
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        for h in hogs {
+            let _ = h.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
