@@ -27,8 +27,8 @@
 //!
 //! * in-process: a `FleetCollector` in a `prometheus::Registry`; `render(&registry)` timed
 //!   200 times after 5 warm-ups (median, p90 nearest rank), and the body size.
-//! * over HTTP: `Exporter::start("127.0.0.1:0", fleet)` (which also registers the process
-//!   collector); 200 `GET /metrics HTTP/1.0` with a std `TcpStream`, each timed from
+//! * over HTTP: `Exporter::start_with("127.0.0.1:0", fleet, log, limits)` (which also
+//!   registers the process collector; `page_reuse: 0`, so every request renders); 200 `GET /metrics HTTP/1.0` with a std `TcpStream`, each timed from
 //!   `connect` to the end of the response, after 5 warm-ups.
 //!
 //! ## 3. Supervisor CPU while scraped every second
@@ -58,6 +58,7 @@ use nix::unistd::Pid;
 use prometheus::Registry;
 use vmm_fleet::metrics::counters::{ExitCounters, ExitReason, KVM_STATS};
 use vmm_fleet::metrics::exporter::{Exporter, FleetCollector, FleetMetrics, VmSnapshot, render};
+use vmm_fleet::metrics::http::Limits;
 use vmm_fleet::supervisor::STATE_NAMES;
 
 use common::{
@@ -292,12 +293,17 @@ fn section_render() -> Res<()> {
         return Err(format!("rendered text lacks {probe}"));
     }
 
-    let exporter = Exporter::start(
+    // Every request renders (the server's reuse of a fresh page is turned off).
+    let exporter = Exporter::start_with(
         "127.0.0.1:0"
             .parse()
             .map_err(|e: std::net::AddrParseError| e.to_string())?,
         fleet,
-        std::sync::Arc::new(|_, msg: &str| eprintln!("{msg}")),
+        Arc::new(|_, msg: &str| eprintln!("{msg}")),
+        Limits {
+            page_reuse: Duration::ZERO,
+            ..Limits::default()
+        },
     )
     .map_err(|e| e.to_string())?;
     let addr = exporter.addr().ok_or("the exporter did not bind")?;

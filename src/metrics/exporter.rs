@@ -13,7 +13,7 @@ use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use super::counters::{ExitCounters, ExitReason, KVM_STATS};
-use super::http::{AddressHandle, HttpError, HttpServer, LogFn};
+use super::http::{AddressHandle, HttpError, HttpServer, Limits, LogFn};
 
 /// What the exporter knows of one VM.
 #[derive(Debug, Clone)]
@@ -317,12 +317,23 @@ impl Exporter {
         fleet: Arc<FleetMetrics>,
         log: LogFn,
     ) -> Result<Self, ExporterError> {
+        Self::start_with(addr, fleet, log, Limits::default())
+    }
+
+    /// [`Exporter::start`] with other HTTP limits (e.g. no page reuse, for a benchmark).
+    pub fn start_with(
+        addr: SocketAddr,
+        fleet: Arc<FleetMetrics>,
+        log: LogFn,
+        limits: Limits,
+    ) -> Result<Self, ExporterError> {
         let registry = Registry::new();
         registry.register(Box::new(FleetCollector::new(fleet)?))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        let server = HttpServer::start(addr, Arc::new(move || render(&registry)), log)?;
+        let server =
+            HttpServer::start_with(addr, Arc::new(move || render(&registry)), log, limits)?;
         Ok(Exporter { server })
     }
 
