@@ -170,6 +170,17 @@ fn two_thousand_idle_connections_neither_starve_a_scrape_nor_add_threads() {
     assert!(body.contains("vmm_fleet_vm_up{vm=\"a\"} 1"), "{body}");
     assert!(latency < Duration::from_secs(1), "scrape took {latency:?}");
     assert!(max_threads < 20, "supervisor had {max_threads} threads");
+    // One thread serves every connection.
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "metrics").count(),
+        1,
+        "{names:?}"
+    );
     drop(idle);
 }
 
