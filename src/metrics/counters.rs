@@ -1,7 +1,18 @@
 //! vCPU exit counters: the list of exit reasons and a table of atomic counters
-//! indexed `[vcpu][reason]`, bumped with one relaxed atomic add per exit.
+//! indexed `[vcpu][reason]`, bumped with one relaxed atomic add per exit; the sealed
+//! memfd that shares a table between the supervisor and a VM child, and the checks the
+//! supervisor runs on what a (possibly compromised) child left in it.
+//!
+//! The memfd is sealed against shrinking and growing (`F_SEAL_SHRINK | F_SEAL_GROW |
+//! F_SEAL_SEAL`) before any child sees it, so nobody holding the fd can make the
+//! supervisor's mapping fault (SIGBUS). Its contents stay writable by the child and are
+//! untrusted: the exporter clamps them, and [`SharedTable::check`] finds tables a child
+//! corrupted so the supervisor can replace them.
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Why a vCPU left `KVM_RUN`, as counted per vCPU.
 #[repr(usize)]
@@ -105,6 +116,45 @@ pub enum TableError {
     /// The file is not a counter table.
     #[error("not a vmm-fleet counter table")]
     BadTable,
+    /// The memfd lacks the seals that keep its size fixed.
+    #[error("counter table is not sealed against resizing (seals {0:#x})")]
+    NotSealed(i32),
+}
+
+/// The seals every shared table carries: its size can never change, and no seal can be
+/// added or removed afterwards.
+fn required_seals() -> nix::fcntl::SealFlag {
+    use nix::fcntl::SealFlag;
+    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL
+}
+
+/// What [`SharedTable::check`] found wrong in a table a child wrote to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    /// The magic word was overwritten.
+    #[error("bad magic {0:#x}")]
+    BadMagic(u64),
+    /// The header claims more vCPUs than any child of this VM was given.
+    #[error("header says {header} vCPUs, the VM has at most {limit}")]
+    TooManyVcpus {
+        /// The header's value.
+        header: u64,
+        /// The most vCPUs a child of this VM ran with.
+        limit: usize,
+    },
+    /// A row past every vCPU this VM ever had holds counts.
+    #[error("counts in row {0}, past the VM's vCPUs")]
+    RowPastVcpus(usize),
+    /// A counter larger than the table's age in nanoseconds (more than one event per ns).
+    #[error("counter {value} in row {vcpu} exceeds the table's age ({limit} ns)")]
+    Implausible {
+        /// The row.
+        vcpu: usize,
+        /// The value read.
+        value: u64,
+        /// The table's age in ns.
+        limit: u64,
+    },
 }
 
 enum Backing {
@@ -168,6 +218,15 @@ impl Mapping {
 pub struct ExitCounters {
     rows: usize,
     backing: Backing,
+    /// When the table was made: no counter of a shared table can exceed its age in ns.
+    born: Instant,
+    /// Unique in this process: tells a replaced table from the one it replaced.
+    id: u64,
+}
+
+fn next_table_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl std::fmt::Debug for ExitCounters {
@@ -190,14 +249,19 @@ impl ExitCounters {
         let t = ExitCounters {
             rows: vcpus,
             backing: Backing::Heap(cells),
+            born: Instant::now(),
+            id: next_table_id(),
         };
+        t.words()[H_MAGIC].store(MAGIC, Ordering::Relaxed);
         t.set_vcpus(vcpus);
         t
     }
 
-    /// A new table in a memfd named after `name`, with rows for [`MAX_VCPUS`]. The fd
-    /// is close-on-exec; a child opens it through `/proc/<pid>/fd/<fd>`.
-    pub fn create_shared(name: &str) -> Result<(Self, std::os::fd::OwnedFd), TableError> {
+    /// A new table in a memfd named after `name`, with rows for [`MAX_VCPUS`], sealed so
+    /// that its size can never change. The fd is close-on-exec; a child maps it with
+    /// [`ExitCounters::open_shared_fd`] (inherited) or [`ExitCounters::open_shared`].
+    pub fn create_shared(name: &str) -> Result<(Self, OwnedFd), TableError> {
+        use nix::fcntl::{FcntlArg, fcntl};
         use nix::sys::memfd::{MFdFlags, memfd_create};
         let sys = |what| {
             move |e: nix::Error| TableError::Sys {
@@ -205,22 +269,29 @@ impl ExitCounters {
                 source: e.into(),
             }
         };
-        let fd = memfd_create(format!("vmm-fleet:{name}").as_str(), MFdFlags::MFD_CLOEXEC)
-            .map_err(sys("memfd_create"))?;
+        let fd = memfd_create(
+            format!("vmm-fleet:{name}").as_str(),
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(sys("memfd_create"))?;
         let words = table_words(MAX_VCPUS);
         nix::unistd::ftruncate(&fd, (words * 8) as i64).map_err(sys("ftruncate"))?;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(required_seals())).map_err(sys("F_ADD_SEALS"))?;
         let mapping = Mapping::map(&fd, words)?;
         mapping.words()[H_MAGIC].store(MAGIC, Ordering::Relaxed);
         Ok((
             ExitCounters {
                 rows: MAX_VCPUS,
                 backing: Backing::Shared(mapping),
+                born: Instant::now(),
+                id: next_table_id(),
             },
             fd,
         ))
     }
 
-    /// Map a table created by [`ExitCounters::create_shared`] (in the VM child).
+    /// Map a table created by [`ExitCounters::create_shared`] (in the VM child), by path
+    /// (such as `/proc/self/fd/N`).
     pub fn open_shared(path: &std::path::Path) -> Result<Self, TableError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -230,30 +301,25 @@ impl ExitCounters {
                 what: "open counter table",
                 source,
             })?;
-        let len = file
-            .metadata()
-            .map_err(|source| TableError::Sys {
-                what: "stat counter table",
-                source,
-            })?
-            .len() as usize;
-        if len != table_words(MAX_VCPUS) * 8 {
-            return Err(TableError::BadTable);
-        }
-        let mapping = Mapping::map(&file, len / 8)?;
-        if mapping.words()[H_MAGIC].load(Ordering::Relaxed) != MAGIC {
-            return Err(TableError::BadTable);
-        }
-        Ok(ExitCounters {
-            rows: MAX_VCPUS,
-            backing: Backing::Shared(mapping),
-        })
+        Self::open_shared_fd(file.into())
     }
 
-    /// Map a table created by [`ExitCounters::create_shared`] from an inherited fd (in
-    /// the VM child, which may no longer reopen `/proc/self/fd/N` once it has dropped its
-    /// privileges and is not dumpable). The mapping keeps the memory; the fd is closed.
-    pub fn open_shared_fd(fd: std::os::fd::OwnedFd) -> Result<Self, TableError> {
+    /// Map a table created by [`ExitCounters::create_shared`] from an fd the child
+    /// already holds (inherited). The fd must carry the resize seals and have exactly
+    /// the table's size; it is closed once mapped.
+    pub fn open_shared_fd(fd: OwnedFd) -> Result<Self, TableError> {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS).map_err(|e| match e {
+            // Not a memfd (or a memfd made without MFD_ALLOW_SEALING).
+            nix::Error::EINVAL => TableError::NotSealed(0),
+            e => TableError::Sys {
+                what: "F_GET_SEALS",
+                source: e.into(),
+            },
+        })?;
+        if !SealFlag::from_bits_truncate(seals).contains(required_seals()) {
+            return Err(TableError::NotSealed(seals));
+        }
         let file = std::fs::File::from(fd);
         let len = file
             .metadata()
@@ -261,18 +327,52 @@ impl ExitCounters {
                 what: "stat counter table",
                 source,
             })?
-            .len() as usize;
-        if len != table_words(MAX_VCPUS) * 8 {
+            .len();
+        if len != (table_words(MAX_VCPUS) * 8) as u64 {
             return Err(TableError::BadTable);
         }
-        let mapping = Mapping::map(&file, len / 8)?;
+        let mapping = Mapping::map(&file, table_words(MAX_VCPUS))?;
         if mapping.words()[H_MAGIC].load(Ordering::Relaxed) != MAGIC {
             return Err(TableError::BadTable);
         }
         Ok(ExitCounters {
             rows: MAX_VCPUS,
             backing: Backing::Shared(mapping),
+            born: Instant::now(),
+            id: next_table_id(),
         })
+    }
+
+    /// This table's identity, unique within the process (a replacement has another).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// True while the magic word is intact.
+    pub fn magic_ok(&self) -> bool {
+        self.words()[H_MAGIC].load(Ordering::Relaxed) == MAGIC
+    }
+
+    /// The vCPU count the header claims, unclamped (untrusted in a shared table).
+    pub fn header_vcpus(&self) -> u64 {
+        self.words()[H_VCPUS].load(Ordering::Relaxed)
+    }
+
+    /// The largest value any counter of this table can honestly hold: one event per
+    /// nanosecond of its life, per vCPU (an exit, or a nanosecond halted). `u64::MAX`
+    /// for an in-process table, which no other process writes.
+    pub fn plausible_max(&self) -> u64 {
+        match self.backing {
+            Backing::Heap(_) => u64::MAX,
+            Backing::Shared(_) => u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Every counter of row `vcpu` (exits, then KVM statistics).
+    fn row_values(&self, vcpu: usize) -> impl Iterator<Item = u64> + '_ {
+        let exits = ExitReason::ALL.into_iter().map(move |r| self.get(vcpu, r));
+        let kvm = (0..KVM_STATS.len()).map(move |s| self.kvm_stat(vcpu, s));
+        exits.chain(kvm)
     }
 
     fn words(&self) -> &[AtomicU64] {
@@ -378,6 +478,82 @@ impl ExitCounters {
     }
 }
 
+/// The supervisor's side of one VM's shared table: the mapping, the sealed memfd handed
+/// to each child, and the most vCPUs any child of the VM was given (what the table may
+/// honestly hold rows for).
+pub struct SharedTable {
+    counters: Arc<ExitCounters>,
+    fd: OwnedFd,
+    handed_vcpus: usize,
+}
+
+impl std::fmt::Debug for SharedTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTable")
+            .field("counters", &self.counters)
+            .field("handed_vcpus", &self.handed_vcpus)
+            .finish()
+    }
+}
+
+impl SharedTable {
+    /// A fresh sealed table for VM `name` (see [`ExitCounters::create_shared`]).
+    pub fn create(name: &str) -> Result<Self, TableError> {
+        let (t, fd) = ExitCounters::create_shared(name)?;
+        Ok(SharedTable {
+            counters: Arc::new(t),
+            fd,
+            handed_vcpus: 0,
+        })
+    }
+
+    /// The supervisor's mapping (what the exporter reads).
+    pub fn counters(&self) -> &Arc<ExitCounters> {
+        &self.counters
+    }
+
+    /// The memfd, to pass to a child.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The table is about to be handed to a child with `vcpus` vCPUs.
+    pub fn handing_to(&mut self, vcpus: usize) {
+        self.handed_vcpus = self.handed_vcpus.max(vcpus.min(MAX_VCPUS));
+    }
+
+    /// Check what the children so far left in the table: the magic, a header no larger
+    /// than the most vCPUs a child was given, no counts past those rows, and no counter
+    /// above the table's age in ns. Reads 4,600 words: run it before a spawn, not per
+    /// scrape.
+    pub fn check(&self) -> Result<(), Corruption> {
+        let t = &self.counters;
+        let magic = t.words()[H_MAGIC].load(Ordering::Relaxed);
+        if magic != MAGIC {
+            return Err(Corruption::BadMagic(magic));
+        }
+        let limit = self.handed_vcpus;
+        let header = t.header_vcpus();
+        if header > limit as u64 {
+            return Err(Corruption::TooManyVcpus { header, limit });
+        }
+        if let Some(v) = (limit..MAX_VCPUS).find(|&v| t.row_values(v).any(|x| x != 0)) {
+            return Err(Corruption::RowPastVcpus(v));
+        }
+        let max = t.plausible_max();
+        for vcpu in 0..limit {
+            if let Some(value) = t.row_values(vcpu).find(|&x| x > max) {
+                return Err(Corruption::Implausible {
+                    vcpu,
+                    value,
+                    limit: max,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,6 +603,148 @@ mod tests {
         std::fs::write(&junk, b"x").unwrap();
         assert!(ExitCounters::open_shared(&junk).is_err());
         let _ = std::fs::remove_file(junk);
+    }
+
+    fn seals_of(fd: impl AsFd) -> nix::fcntl::SealFlag {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        SealFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GET_SEALS).unwrap())
+    }
+
+    #[test]
+    fn a_shared_table_is_sealed_and_cannot_be_resized_through_any_fd() {
+        let (t, fd) = ExitCounters::create_shared("seal").unwrap();
+        assert!(seals_of(&fd).contains(required_seals()));
+        let size = (table_words(MAX_VCPUS) * 8) as i64;
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        // The supervisor's own fd, and the file reopened the way another process would.
+        let reopened: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .into();
+        for f in [fd.as_fd(), reopened.as_fd()] {
+            for len in [0, size - 8, size + 4096] {
+                assert_eq!(
+                    nix::unistd::ftruncate(f, len),
+                    Err(nix::Error::EPERM),
+                    "ftruncate to {len}"
+                );
+            }
+        }
+        // No seal can be taken away or added (F_SEAL_SEAL).
+        assert_eq!(
+            nix::fcntl::fcntl(
+                &fd,
+                nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_WRITE)
+            ),
+            Err(nix::Error::EPERM)
+        );
+        // The mapping is intact: every word is still readable.
+        t.set_vcpus(3);
+        assert_eq!(t.vcpus(), 3);
+        assert_eq!(t.get(MAX_VCPUS - 1, ExitReason::Other), 0);
+        // The child side maps it from the fd itself as well as by path.
+        let child = ExitCounters::open_shared_fd(reopened).unwrap();
+        child.add(2, ExitReason::IoOut);
+        assert_eq!(t.get(2, ExitReason::IoOut), 1);
+    }
+
+    #[test]
+    fn the_child_refuses_an_unsealed_or_missized_memfd() {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let size = (table_words(MAX_VCPUS) * 8) as i64;
+        // Unsealable: made without MFD_ALLOW_SEALING (the table as it used to be).
+        let plain = memfd_create("plain", MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&plain, size).unwrap();
+        assert!(matches!(
+            ExitCounters::open_shared_fd(plain),
+            Err(TableError::NotSealed(_))
+        ));
+        // Sealable but not sealed.
+        let open = memfd_create("open", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&open, size).unwrap();
+        assert!(matches!(
+            ExitCounters::open_shared_fd(open),
+            Err(TableError::NotSealed(_))
+        ));
+        // Sealed at the wrong size.
+        let small = memfd_create("small", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&small, 4096).unwrap();
+        fcntl(&small, FcntlArg::F_ADD_SEALS(required_seals())).unwrap();
+        assert!(matches!(
+            ExitCounters::open_shared_fd(small),
+            Err(TableError::BadTable)
+        ));
+        // Sealed, right size, no magic.
+        let blank = memfd_create("blank", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&blank, size).unwrap();
+        fcntl(
+            &blank,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .unwrap();
+        assert!(matches!(
+            ExitCounters::open_shared_fd(blank),
+            Err(TableError::BadTable)
+        ));
+    }
+
+    #[test]
+    fn check_finds_what_a_child_cannot_honestly_have_written() {
+        let mut st = SharedTable::create("check").unwrap();
+        assert_eq!(st.check(), Ok(()));
+        st.handing_to(2);
+        let child = ExitCounters::open_shared_fd(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&st.fd())
+                ))
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        child.set_vcpus(2);
+        child.add(1, ExitReason::IoOut);
+        child.set_kvm_stat(0, 6, 1);
+        assert_eq!(st.check(), Ok(()));
+        let w = child.words();
+        w[H_VCPUS].store(255, Ordering::Relaxed);
+        assert_eq!(
+            st.check(),
+            Err(Corruption::TooManyVcpus {
+                header: 255,
+                limit: 2
+            })
+        );
+        w[H_VCPUS].store(2, Ordering::Relaxed);
+        child.add(5, ExitReason::Hlt);
+        assert_eq!(st.check(), Err(Corruption::RowPastVcpus(5)));
+        // A later child with more vCPUs makes that row honest.
+        st.handing_to(8);
+        assert_eq!(st.check(), Ok(()));
+        child.set_kvm_stat(3, 0, u64::MAX);
+        assert!(matches!(
+            st.check(),
+            Err(Corruption::Implausible {
+                vcpu: 3,
+                value: u64::MAX,
+                ..
+            })
+        ));
+        w[H_MAGIC].store(0xdead, Ordering::Relaxed);
+        assert_eq!(st.check(), Err(Corruption::BadMagic(0xdead)));
+        assert!(!st.counters().magic_ok());
+        // A fresh table is another table.
+        let fresh = SharedTable::create("check").unwrap();
+        assert_ne!(fresh.counters().id(), st.counters().id());
+        assert_eq!(fresh.check(), Ok(()));
     }
 
     #[test]

@@ -4,7 +4,15 @@
 //!
 //! The supervisor hands the collector a fresh [`VmSnapshot`] list whenever something
 //! changes; counters are read from the shared tables only when Prometheus scrapes.
+//!
+//! A shared table is written by a VM child, which may be compromised: what it holds is
+//! untrusted. The collector exports at most the VM's configured vCPUs as rows, caps each
+//! counter at one event per nanosecond of the table's life, and keeps a high-water mark
+//! per exported `_total` series ([`Mark`]): a series never goes below what it last
+//! exported, and when the supervisor replaces a corrupted table by a fresh one, what was
+//! exported becomes a per-series base, so counting continues upward from there.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +20,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use super::counters::{ExitCounters, ExitReason, KVM_STATS};
+use super::counters::{ExitCounters, ExitReason, KVM_STATS, MAX_VCPUS};
 use super::http::{AddressHandle, HttpError, HttpServer, Limits, LogFn};
 
 /// What the exporter knows of one VM.
@@ -194,10 +202,65 @@ impl Families {
     }
 }
 
+/// The high-water mark of one exported counter series.
+///
+/// The exported value is `base + source`, never below the last exported one. A source
+/// that goes down in place (a child rewrote its table) holds the series where it was; a
+/// source replaced by a fresh one ([`Mark::rebase`]) counts on from there. The base moves
+/// only at a replacement, so a child that writes its table up and down cannot pump it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Mark {
+    base: u64,
+    last: u64,
+}
+
+impl Mark {
+    /// The source was replaced by a new one counting from zero: continue from here.
+    fn rebase(&mut self) {
+        self.base = self.last;
+    }
+
+    /// The value to export when the source reads `cur`.
+    fn next(&mut self, cur: u64) -> u64 {
+        self.last = self.last.max(self.base.saturating_add(cur));
+        self.last
+    }
+}
+
+/// Every mark of one VM.
+#[derive(Debug, Default)]
+struct VmMarks {
+    /// The table the per-vCPU marks follow ([`ExitCounters::id`]).
+    table: Option<u64>,
+    exits: Vec<[Mark; ExitReason::COUNT]>,
+    kvm: Vec<[Mark; KVM_STATS.len()]>,
+    restarts: Mark,
+    console_dropped: Mark,
+}
+
+impl VmMarks {
+    fn rows(&mut self, n: usize) {
+        if self.exits.len() < n {
+            self.exits.resize(n, Default::default());
+            self.kvm.resize(n, Default::default());
+        }
+    }
+}
+
+/// The boot stage of a table (ns since the child started) as seconds, if it is sane: set,
+/// and no later than the current run has lasted (plus a second of clock slack).
+fn boot_seconds(ns: u64, run_start_unix: Option<f64>, now_unix: f64) -> Option<f64> {
+    let age = now_unix - run_start_unix?;
+    let s = ns as f64 / 1e9;
+    (ns > 0 && age.is_finite() && s <= age + 1.0).then_some(s)
+}
+
 /// The collector registered with the exporter's registry.
 pub struct FleetCollector {
     fleet: Arc<FleetMetrics>,
     descs: Vec<Desc>,
+    /// High-water marks by VM name; VMs gone from the fleet are dropped.
+    marks: Mutex<HashMap<String, VmMarks>>,
 }
 
 impl FleetCollector {
@@ -209,39 +272,37 @@ impl FleetCollector {
             .iter()
             .flat_map(|c| c.desc().into_iter().cloned())
             .collect();
-        Ok(FleetCollector { fleet, descs })
+        Ok(FleetCollector {
+            fleet,
+            descs,
+            marks: Mutex::new(HashMap::new()),
+        })
     }
 
     fn build(&self) -> Result<Vec<MetricFamily>, prometheus::Error> {
         let f = Families::new()?;
-        for vm in self.fleet.snapshot() {
+        let snapshot = self.fleet.snapshot();
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        // Held for the whole scrape: concurrent scrapes must not interleave their marks.
+        let mut all = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|name, _| snapshot.iter().any(|vm| vm.name == *name));
+        for vm in &snapshot {
             let n = vm.name.as_str();
-            let vcpus = vm.counters.as_ref().map_or(0, |t| t.vcpus());
-            for (t, vcpu) in vm
-                .counters
-                .iter()
-                .flat_map(|t| (0..vcpus).map(move |v| (t, v)))
-            {
-                let vs = vcpu.to_string();
-                for r in ExitReason::ALL {
-                    f.exits
-                        .with_label_values(&[n, &vs, r.name()])
-                        .inc_by(t.get(vcpu, r));
-                }
-                let mut k = f.kvm.iter();
-                for (s, name) in KVM_STATS.iter().enumerate() {
-                    let v = t.kvm_stat(vcpu, s);
-                    if *name == "halt_wait_ns" {
-                        f.halt_wait
-                            .with_label_values(&[n, &vs])
-                            .inc_by(v as f64 / 1e9);
-                    } else if let Some(c) = k.next() {
-                        c.with_label_values(&[n, &vs]).inc_by(v);
-                    }
-                }
+            if !all.contains_key(n) {
+                all.insert(vm.name.clone(), VmMarks::default());
+            }
+            let Some(marks) = all.get_mut(n) else {
+                continue;
+            };
+            if let Some(t) = &vm.counters {
+                Self::vcpu_rows(&f, n, vm, t, marks);
             }
             f.up.with_label_values(&[n]).set(i64::from(vm.up));
-            f.restarts.with_label_values(&[n]).inc_by(vm.restarts);
+            f.restarts
+                .with_label_values(&[n])
+                .inc_by(marks.restarts.next(vm.restarts));
             for s in self.fleet.states {
                 f.state
                     .with_label_values(&[n, s])
@@ -256,23 +317,74 @@ impl FleetCollector {
             f.memory.with_label_values(&[n]).set(vm.memory_bytes as i64);
             f.vcpus.with_label_values(&[n]).set(vm.vcpus as i64);
             if let Some(d) = &vm.console_dropped {
-                f.console_dropped
-                    .with_label_values(&[n])
-                    .inc_by(d.load(std::sync::atomic::Ordering::Relaxed));
+                let v = marks
+                    .console_dropped
+                    .next(d.load(std::sync::atomic::Ordering::Relaxed));
+                f.console_dropped.with_label_values(&[n]).inc_by(v);
             }
-            let (console, up) = vm.counters.as_ref().map_or((0, 0), |t| t.boot_ns());
-            if console > 0 {
-                f.boot
-                    .with_label_values(&[n, "first_console_byte"])
-                    .set(console as f64 / 1e9);
-            }
-            if up > 0 {
-                f.boot
-                    .with_label_values(&[n, "userspace_up"])
-                    .set(up as f64 / 1e9);
+            let (console, up) = vm
+                .counters
+                .as_ref()
+                .filter(|t| t.magic_ok())
+                .map_or((0, 0), |t| t.boot_ns());
+            for (stage, ns) in [("first_console_byte", console), ("userspace_up", up)] {
+                if let Some(s) = boot_seconds(ns, vm.start_time, now_unix) {
+                    f.boot.with_label_values(&[n, stage]).set(s);
+                }
             }
         }
+        drop(all);
         Ok(f.collectors().iter().flat_map(|c| c.collect()).collect())
+    }
+
+    /// The per-vCPU series of one VM: at most its configured vCPUs, rows once exported
+    /// kept, every value through its mark. A table whose magic is gone is not read: its
+    /// series hold their last values until the supervisor replaces it.
+    fn vcpu_rows(f: &Families, n: &str, vm: &VmSnapshot, t: &ExitCounters, marks: &mut VmMarks) {
+        let spec = usize::try_from(vm.vcpus)
+            .unwrap_or(usize::MAX)
+            .min(MAX_VCPUS);
+        let readable = t.magic_ok();
+        let header = if readable {
+            usize::try_from(t.header_vcpus()).unwrap_or(usize::MAX)
+        } else {
+            0
+        };
+        let rows = header.max(marks.exits.len()).min(spec);
+        marks.rows(rows);
+        if marks.table != Some(t.id()) {
+            // A new table (the old one was found corrupted and replaced): it counts from
+            // zero, on top of everything exported so far.
+            marks.table = Some(t.id());
+            for m in marks.exits.iter_mut().flatten() {
+                m.rebase();
+            }
+            for m in marks.kvm.iter_mut().flatten() {
+                m.rebase();
+            }
+        }
+        let max = t.plausible_max();
+        let read = |v: u64| readable.then_some(v.min(max));
+        for vcpu in 0..rows {
+            let vs = vcpu.to_string();
+            for r in ExitReason::ALL {
+                let m = &mut marks.exits[vcpu][r as usize];
+                let v = read(t.get(vcpu, r)).map_or(m.last, |c| m.next(c));
+                f.exits.with_label_values(&[n, &vs, r.name()]).inc_by(v);
+            }
+            let mut k = f.kvm.iter();
+            for (s, name) in KVM_STATS.iter().enumerate() {
+                let m = &mut marks.kvm[vcpu][s];
+                let v = read(t.kvm_stat(vcpu, s)).map_or(m.last, |c| m.next(c));
+                if *name == "halt_wait_ns" {
+                    f.halt_wait
+                        .with_label_values(&[n, &vs])
+                        .inc_by(v as f64 / 1e9);
+                } else if let Some(c) = k.next() {
+                    c.with_label_values(&[n, &vs]).inc_by(v);
+                }
+            }
+        }
     }
 }
 
@@ -397,5 +509,187 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(!text.contains("stage=\"userspace_up\""));
+    }
+    use crate::metrics::counters::SharedTable;
+    use std::collections::BTreeMap;
+
+    fn snapshot(name: &str, vcpus: u64, t: &SharedTable) -> VmSnapshot {
+        VmSnapshot {
+            name: name.into(),
+            up: true,
+            state: "running",
+            restarts: 1,
+            start_time: Some(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs_f64()
+                    - 0.5,
+            ),
+            last_exit_code: None,
+            memory_bytes: 32 << 20,
+            vcpus,
+            counters: Some(t.counters().clone()),
+        }
+    }
+
+    /// Every `_total` series of a scrape: name{labels} -> value.
+    fn totals(text: &str) -> BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains("_total{"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn registry(fleet: Arc<FleetMetrics>) -> Registry {
+        let r = Registry::new();
+        r.register(Box::new(FleetCollector::new(fleet).unwrap()))
+            .unwrap();
+        r
+    }
+
+    /// A child's view of the table, and the file a hostile one writes through.
+    fn child_of(t: &SharedTable) -> (ExitCounters, std::fs::File) {
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&t.fd()));
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        (ExitCounters::open_shared_fd(open().into()).unwrap(), open())
+    }
+
+    /// Overwrite the whole table with xorshift bytes; `magic` kept or not.
+    fn garble(f: &std::fs::File, seed: u64, keep_magic: bool) {
+        use std::os::unix::fs::FileExt;
+        let len = f.metadata().unwrap().len() as usize;
+        let mut x = seed | 1;
+        let mut bytes = Vec::with_capacity(len);
+        while bytes.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        bytes.truncate(len);
+        if keep_magic {
+            bytes[..8].copy_from_slice(&0x766d_6d66_6c74_0001u64.to_le_bytes());
+        }
+        bytes[8..16].copy_from_slice(&255u64.to_le_bytes()); // vcpus = 255
+        f.write_all_at(&bytes, 0).unwrap();
+    }
+
+    fn vcpu_labels(text: &str) -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.split("vcpu=\"").nth(1)?.split('"').next()?.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn a_garbled_table_gives_clamped_monotonic_series_and_a_replacement_counts_on() {
+        let fleet = FleetMetrics::new(&["running"]);
+        let t = SharedTable::create("g").unwrap();
+        let (child, file) = child_of(&t);
+        child.set_vcpus(2);
+        for _ in 0..40 {
+            child.add(0, ExitReason::IoOut);
+        }
+        child.add(1, ExitReason::Hlt);
+        child.set_kvm_stat(1, 0, 25);
+        child.mark_first_console(1_000);
+        fleet.update(vec![snapshot("g", 2, &t)]);
+        let reg = registry(fleet.clone());
+        let first = totals(&String::from_utf8(render(&reg)).unwrap());
+        let io0 = "vmm_fleet_vcpu_exits_total{reason=\"io_out\",vcpu=\"0\",vm=\"g\"}";
+        assert_eq!(first[io0], 40.0);
+        assert_eq!(first.len(), 2 * (ExitReason::COUNT + KVM_STATS.len()) + 1);
+
+        // Garbage with the magic intact: read, but clamped.
+        for seed in [1, 0x9e37_79b9_7f4a_7c15, 42] {
+            let before = totals(&String::from_utf8(render(&reg)).unwrap());
+            garble(&file, seed, true);
+            let text = String::from_utf8(render(&reg)).unwrap();
+            let age = t.counters().plausible_max() as f64;
+            let after = totals(&text);
+            assert!(vcpu_labels(&text).iter().all(|v| *v < 2), "{text}");
+            for (k, v) in &before {
+                let a = after.get(k).unwrap_or_else(|| panic!("{k} vanished"));
+                assert!(a >= v, "{k} went down: {v} -> {a}");
+                assert!(*a <= age, "{k} = {a}: more than one event per ns");
+            }
+            assert!(
+                !text.contains("vmm_fleet_vm_boot_seconds"),
+                "an absurd boot time was exported:\n{text}"
+            );
+        }
+
+        // Counters lowered and the magic gone: every series holds its value.
+        let before = totals(&String::from_utf8(render(&reg)).unwrap());
+        garble(&file, 7, false);
+        let text = String::from_utf8(render(&reg)).unwrap();
+        assert_eq!(totals(&text), before);
+        assert!(vcpu_labels(&text).iter().all(|v| *v < 2));
+
+        // The supervisor replaces the table; the new child counts on top.
+        let fresh = SharedTable::create("g").unwrap();
+        let (child2, _f) = child_of(&fresh);
+        child2.set_vcpus(2);
+        for _ in 0..3 {
+            child2.add(0, ExitReason::IoOut);
+        }
+        fleet.update(vec![snapshot("g", 2, &fresh)]);
+        let again = totals(&String::from_utf8(render(&reg)).unwrap());
+        assert_eq!(again[io0], before[io0] + 3.0);
+        for (k, v) in &before {
+            assert!(again[k] >= *v, "{k} went down after the replacement");
+        }
+        child2.add(0, ExitReason::IoOut);
+        let more = totals(&String::from_utf8(render(&reg)).unwrap());
+        assert_eq!(more[io0], before[io0] + 4.0);
+    }
+
+    #[test]
+    fn rows_are_capped_by_the_spec_and_a_removed_vm_is_forgotten() {
+        let fleet = FleetMetrics::new(&["running"]);
+        let t = SharedTable::create("cap").unwrap();
+        let (child, _f) = child_of(&t);
+        child.set_vcpus(200);
+        child.add(150, ExitReason::IoIn);
+        fleet.update(vec![snapshot("cap", 4, &t)]);
+        let reg = registry(fleet.clone());
+        let text = String::from_utf8(render(&reg)).unwrap();
+        let labels = vcpu_labels(&text);
+        assert_eq!(labels.iter().max(), Some(&3), "{text}");
+        fleet.update(vec![]);
+        let text = String::from_utf8(render(&reg)).unwrap();
+        assert!(!text.contains("vm=\"cap\""));
+    }
+
+    #[test]
+    fn a_boot_time_longer_than_the_run_is_not_exported() {
+        assert_eq!(boot_seconds(0, Some(100.0), 200.0), None);
+        assert_eq!(boot_seconds(2_000_000_000, Some(100.0), 200.0), Some(2.0));
+        assert_eq!(boot_seconds(u64::MAX, Some(100.0), 200.0), None);
+        assert_eq!(boot_seconds(5_000_000_000, None, 200.0), None);
+        assert_eq!(boot_seconds(1, Some(f64::NAN), 200.0), None);
+    }
+
+    #[test]
+    fn a_mark_holds_on_a_drop_and_counts_on_after_a_rebase() {
+        let mut m = Mark::default();
+        assert_eq!(m.next(10), 10);
+        assert_eq!(m.next(3), 10); // rewritten lower: held
+        assert_eq!(m.next(12), 12);
+        assert_eq!(m.next(0), 12);
+        assert_eq!(m.next(3), 12); // no pumping: up and down does not add
+        m.rebase(); // a fresh source
+        assert_eq!(m.next(0), 12);
+        assert_eq!(m.next(5), 17);
+        assert_eq!(m.next(u64::MAX), u64::MAX); // saturates, no overflow
     }
 }

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod output;
 pub mod policy;
 pub mod spawn;
+mod table;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -23,12 +24,11 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::config::{ConfigError, FleetSettings, VmSpec, load_fleet};
-use crate::metrics::counters::ExitCounters;
+use crate::metrics::counters::SharedTable;
 use crate::metrics::exporter::{FleetMetrics, VmSnapshot};
 use policy::{ChildExit, Decision, Restarter, VmState};
 use spawn::{SpawnRequest, Spawner};
@@ -103,7 +103,7 @@ struct Vm {
     replace_with: Option<VmSpec>,
     last_exit: Option<ChildExit>,
     /// Its exit counters, shared with each child; they outlive the children.
-    table: Option<(Arc<ExitCounters>, OwnedFd)>,
+    table: Option<SharedTable>,
     start_unix: Option<f64>,
     /// Restarts of earlier versions of this VM (before its file was edited).
     restarts_base: u64,
@@ -122,14 +122,12 @@ impl Vm {
         self.restarts_base + self.restarter.restarts()
     }
 
-    fn new(spec: VmSpec) -> Self {
-        let table = ExitCounters::create_shared(&spec.name)
-            .map(|(t, fd)| (Arc::new(t), fd))
-            .ok();
+    fn new(spec: VmSpec, log: &EventLog) -> Self {
+        let table = table::create(&spec.name, log);
         Self::with_table(spec, table)
     }
 
-    fn with_table(spec: VmSpec, table: Option<(Arc<ExitCounters>, OwnedFd)>) -> Self {
+    fn with_table(spec: VmSpec, table: Option<SharedTable>) -> Self {
         Vm {
             table,
             start_unix: None,
@@ -226,7 +224,7 @@ impl<S: Spawner> Supervisor<S> {
     ) -> Self {
         let vms = specs
             .into_iter()
-            .map(|s| (s.name.clone(), Vm::new(s)))
+            .map(|s| (s.name.clone(), Vm::new(s, &log)))
             .collect();
         Supervisor {
             source,
@@ -300,7 +298,7 @@ impl<S: Spawner> Supervisor<S> {
                     }),
                     memory_bytes: vm.spec.memory_mib << 20,
                     vcpus: u64::from(vm.spec.vcpus),
-                    counters: vm.table.as_ref().map(|t| t.0.clone()),
+                    counters: vm.table.as_ref().map(|t| t.counters().clone()),
                     console_dropped: self.output.as_ref().map(|o| o.dropped_counter(name)),
                 })
                 .collect();
@@ -445,6 +443,7 @@ impl<S: Spawner> Supervisor<S> {
             return;
         };
         vm.start_at = None;
+        table::prepare(name, usize::from(vm.spec.vcpus), &mut vm.table, &self.log);
         let cgroup = self
             .cgroups
             .prepare(&vm.spec, self.settings.cgroup_overhead_mib);
@@ -452,7 +451,7 @@ impl<S: Spawner> Supervisor<S> {
             spec: &vm.spec,
             settings: settings_file.as_deref(),
             log_dir: &log_dir,
-            counters: vm.table.as_ref().map(|(_, fd)| fd.as_fd()),
+            counters: vm.table.as_ref().map(|t| t.fd()),
             user: user.as_ref(),
             output: self.output.as_ref().map(|o| (o, limits)),
             cgroup: cgroup.as_ref().ok().and_then(Option::as_ref),
@@ -717,7 +716,7 @@ impl<S: Spawner> Supervisor<S> {
         }
         for (name, spec) in new {
             added += 1;
-            self.vms.insert(name.clone(), Vm::new(spec));
+            self.vms.insert(name.clone(), Vm::new(spec, &self.log));
             self.start(&name, now);
         }
         self.log.line(
