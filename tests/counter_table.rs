@@ -1,0 +1,237 @@
+//! The counter table as an attack surface, on a real fleet (`vmm-fleet up`, built-in
+//! guests, real KVM): from outside the VM child, through /proc/<child>/fd, resize its
+//! table (refused: the memfd is sealed) and write garbage over it (the supervisor lives
+//! on, /metrics answers, no `_total` series goes down, no VM exports more vCPU rows than
+//! it has); then the VM's next start replaces the table, logged once, and the counters
+//! keep growing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use common::fleet::Fleet;
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+const REPLACED: &str = "vm victim: counter table corrupted";
+
+/// GET /metrics; the body of a 200 answer, or why not.
+fn try_scrape(addr: SocketAddr) -> Result<String, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or("no header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("answer: {head}"));
+    }
+    Ok(body.to_string())
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    try_scrape(addr).expect("scrape /metrics")
+}
+
+/// Every `vmm_fleet_*_total` series: name{labels} -> value.
+fn totals(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with("vmm_fleet_") && l.contains("_total{"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The vCPU label values `vm`'s series carry.
+fn vcpu_rows(text: &str, vm: &str) -> Vec<u32> {
+    let tag = format!("vm=\"{vm}\"");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&tag))
+        .filter_map(|l| l.split("vcpu=\"").nth(1)?.split('"').next()?.parse().ok())
+        .collect()
+}
+
+fn io_out(vm: &str, vcpu: u32) -> String {
+    format!("vmm_fleet_vcpu_exits_total{{reason=\"io_out\",vcpu=\"{vcpu}\",vm=\"{vm}\"}}")
+}
+
+/// Wait until `vm`'s vCPU 0 has counted more port writes than `floor` (the heartbeat).
+fn wait_io_out_above(fleet: &Fleet, addr: SocketAddr, vm: &str, floor: f64) -> f64 {
+    let mut seen = 0.0;
+    assert!(
+        wait_until(LIMIT, || {
+            seen = totals(&scrape(addr))
+                .get(&io_out(vm, 0))
+                .copied()
+                .unwrap_or(0.0);
+            seen > floor
+        }),
+        "{vm}: io_out stayed at {seen} (not above {floor})\n{}",
+        fleet.log()
+    );
+    seen
+}
+
+/// The VM child's own fd on its counter table, opened read-write from this process.
+fn open_child_table(pid: u32, vm: &str) -> File {
+    let want = format!("/memfd:vmm-fleet:{vm} (deleted)");
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
+    let fd = entries
+        .filter_map(Result::ok)
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new(&want)))
+        .unwrap_or_else(|| panic!("no fd of {pid} links to {want}"));
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fd.path())
+        .expect("open the child's table")
+}
+
+/// Random bytes (xorshift) over the whole file: the magic destroyed, the vCPU count
+/// header set to 255, and vCPU 0's exit counters set to 0 (lowered).
+fn garble(f: &File) {
+    let len = f.metadata().expect("stat table").len() as usize;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes[..8].copy_from_slice(&0xdead_beef_u64.to_le_bytes());
+    bytes[8..16].copy_from_slice(&255u64.to_le_bytes());
+    // Header of 8 words, then vCPU 0's row of exit reasons.
+    bytes[64..64 + 11 * 8].fill(0);
+    f.write_all_at(&bytes, 0).expect("write garbage");
+}
+
+fn assert_not_lower(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, when: &str) {
+    for (k, v) in before {
+        let a = after
+            .get(k)
+            .unwrap_or_else(|| panic!("{when}: {k} vanished"));
+        assert!(a >= v, "{when}: {k} went down: {v} -> {a}");
+    }
+}
+
+fn vm_file(dir: &Path, name: &str, vcpus: u8) {
+    std::fs::write(
+        dir.join(format!("{name}.yaml")),
+        format!(
+            "name: {name}\nvcpus: {vcpus}\nmemory_mib: 32\nkernel: builtin\n\
+             builtin:\n  then: idle\n  heartbeat_ms: 100\n\
+             restart:\n  backoff_initial_ms: 0\n  start_limit_burst: 100\n"
+        ),
+    )
+    .expect("write VM file");
+}
+
+#[test]
+fn a_child_cannot_resize_its_table_and_garbage_in_it_is_contained() {
+    if !kvm_available("counter_table::resize_and_garbage") {
+        return;
+    }
+    let dir = scratch("counter-table");
+    vm_file(&dir, "victim", 2);
+    vm_file(&dir, "bystander", 1);
+    let mut fleet = Fleet::up(&dir);
+    let addr = fleet.addr();
+    assert!(
+        fleet.wait_for(LIMIT, |f| f.log().contains("vm victim: running")
+            && f.log().contains("vm bystander: running")),
+        "{}",
+        fleet.log()
+    );
+    wait_io_out_above(&fleet, addr, "victim", 0.0);
+    wait_io_out_above(&fleet, addr, "bystander", 0.0);
+
+    // 1. Resizing from outside: refused both ways, the size unchanged.
+    let pid = fleet.pid_of("victim");
+    let table = open_child_table(pid, "victim");
+    let size = table.metadata().expect("stat").len();
+    for len in [0, size + 4096] {
+        let err = table
+            .set_len(len)
+            .expect_err("resizing a sealed table must fail");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EPERM),
+            "set_len({len}): {err}"
+        );
+    }
+    assert_eq!(table.metadata().expect("stat").len(), size);
+
+    // 2. Garbage over the whole table while its child runs.
+    let before = totals(&scrape(addr));
+    assert!(before.len() > 20, "too few series: {before:?}");
+    garble(&table);
+    for _ in 0..5 {
+        let text = scrape(addr);
+        assert!(
+            fleet.child.try_wait().expect("try_wait").is_none(),
+            "the supervisor died:\n{}",
+            fleet.log()
+        );
+        assert_not_lower(&before, &totals(&text), "after the garbage");
+        for (vm, vcpus) in [("victim", 2), ("bystander", 1)] {
+            let mut rows = vcpu_rows(&text, vm);
+            assert!(!rows.is_empty(), "{vm} lost its rows:\n{text}");
+            rows.sort_unstable();
+            rows.dedup();
+            assert!(
+                rows.iter().all(|v| *v < vcpus),
+                "{vm} has {vcpus} vCPUs and exports {} rows, up to {:?}",
+                rows.len(),
+                rows.last()
+            );
+        }
+    }
+    let garbled = totals(&scrape(addr));
+    // The untouched VM keeps counting meanwhile.
+    wait_io_out_above(&fleet, addr, "bystander", garbled[&io_out("bystander", 0)]);
+
+    // 3. The VM's next start replaces the table, logged once; counting goes on upward.
+    assert_eq!(fleet.count(REPLACED), 0, "{}", fleet.log());
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL the child");
+    assert!(
+        fleet.wait_for(LIMIT, |f| f.starts("victim").len() == 2),
+        "{}",
+        fleet.log()
+    );
+    assert_eq!(fleet.count(REPLACED), 1, "{}", fleet.log());
+    let held = totals(&scrape(addr));
+    assert_not_lower(&garbled, &held, "after the restart");
+    wait_io_out_above(&fleet, addr, "victim", held[&io_out("victim", 0)]);
+    let new_pid = fleet.pid_of("victim");
+    let fresh = open_child_table(new_pid, "victim");
+    assert_eq!(fresh.metadata().expect("stat").len(), size);
+    assert!(fresh.set_len(0).is_err());
+
+    // The fresh table is clean: another restart replaces nothing.
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGKILL).expect("SIGKILL the child");
+    assert!(
+        fleet.wait_for(LIMIT, |f| f.starts("victim").len() == 3),
+        "{}",
+        fleet.log()
+    );
+    let after = totals(&scrape(addr));
+    assert_not_lower(&held, &after, "after the second restart");
+    wait_io_out_above(&fleet, addr, "victim", after[&io_out("victim", 0)]);
+    assert_eq!(fleet.count(REPLACED), 1, "{}", fleet.log());
+    assert!(fleet.child.try_wait().expect("try_wait").is_none());
+}
