@@ -236,6 +236,15 @@ struct VmMarks {
     kvm: Vec<[Mark; KVM_STATS.len()]>,
     restarts: Mark,
     console_dropped: Mark,
+    /// The last scrape that saw this VM (VMs gone from the fleet are dropped).
+    seen: u64,
+}
+
+/// Every VM's marks, by name, and the number of the current scrape.
+#[derive(Debug, Default)]
+struct Marks {
+    scrape: u64,
+    vms: HashMap<String, VmMarks>,
 }
 
 impl VmMarks {
@@ -260,7 +269,7 @@ pub struct FleetCollector {
     fleet: Arc<FleetMetrics>,
     descs: Vec<Desc>,
     /// High-water marks by VM name; VMs gone from the fleet are dropped.
-    marks: Mutex<HashMap<String, VmMarks>>,
+    marks: Mutex<Marks>,
 }
 
 impl FleetCollector {
@@ -275,7 +284,7 @@ impl FleetCollector {
         Ok(FleetCollector {
             fleet,
             descs,
-            marks: Mutex::new(HashMap::new()),
+            marks: Mutex::new(Marks::default()),
         })
     }
 
@@ -287,15 +296,17 @@ impl FleetCollector {
             .map_or(0.0, |d| d.as_secs_f64());
         // Held for the whole scrape: concurrent scrapes must not interleave their marks.
         let mut all = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|name, _| snapshot.iter().any(|vm| vm.name == *name));
+        all.scrape += 1;
+        let scrape = all.scrape;
         for vm in &snapshot {
             let n = vm.name.as_str();
-            if !all.contains_key(n) {
-                all.insert(vm.name.clone(), VmMarks::default());
+            if !all.vms.contains_key(n) {
+                all.vms.insert(vm.name.clone(), VmMarks::default());
             }
-            let Some(marks) = all.get_mut(n) else {
+            let Some(marks) = all.vms.get_mut(n) else {
                 continue;
             };
+            marks.seen = scrape;
             if let Some(t) = &vm.counters {
                 Self::vcpu_rows(&f, n, vm, t, marks);
             }
@@ -333,6 +344,7 @@ impl FleetCollector {
                 }
             }
         }
+        all.vms.retain(|_, m| m.seen == scrape);
         drop(all);
         Ok(f.collectors().iter().flat_map(|c| c.collect()).collect())
     }
