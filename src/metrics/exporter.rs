@@ -526,6 +526,15 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn snapshot(name: &str, vcpus: u64, t: &SharedTable) -> VmSnapshot {
+        snapshot_with(name, vcpus, t, None)
+    }
+
+    fn snapshot_with(
+        name: &str,
+        vcpus: u64,
+        t: &SharedTable,
+        dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
+    ) -> VmSnapshot {
         VmSnapshot {
             name: name.into(),
             up: true,
@@ -542,6 +551,7 @@ mod tests {
             memory_bytes: 32 << 20,
             vcpus,
             counters: Some(t.counters().clone()),
+            console_dropped: dropped,
         }
     }
 
@@ -614,12 +624,14 @@ mod tests {
         child.add(1, ExitReason::Hlt);
         child.set_kvm_stat(1, 0, 25);
         child.mark_first_console(1_000);
-        fleet.update(vec![snapshot("g", 2, &t)]);
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(5));
+        fleet.update(vec![snapshot_with("g", 2, &t, Some(dropped.clone()))]);
         let reg = registry(fleet.clone());
         let first = totals(&String::from_utf8(render(&reg)).unwrap());
         let io0 = "vmm_fleet_vcpu_exits_total{reason=\"io_out\",vcpu=\"0\",vm=\"g\"}";
         assert_eq!(first[io0], 40.0);
-        assert_eq!(first.len(), 2 * (ExitReason::COUNT + KVM_STATS.len()) + 1);
+        // Per-vCPU series, restarts and dropped console bytes.
+        assert_eq!(first.len(), 2 * (ExitReason::COUNT + KVM_STATS.len()) + 2);
 
         // Garbage with the magic intact: read, but clamped.
         for seed in [1, 0x9e37_79b9_7f4a_7c15, 42] {
@@ -640,9 +652,11 @@ mod tests {
             );
         }
 
-        // Counters lowered and the magic gone: every series holds its value.
+        // Counters lowered and the magic gone: every series holds its value (the dropped
+        // bytes counter too, were it ever to go down).
         let before = totals(&String::from_utf8(render(&reg)).unwrap());
         garble(&file, 7, false);
+        dropped.store(1, std::sync::atomic::Ordering::Relaxed);
         let text = String::from_utf8(render(&reg)).unwrap();
         assert_eq!(totals(&text), before);
         assert!(vcpu_labels(&text).iter().all(|v| *v < 2));
@@ -654,7 +668,7 @@ mod tests {
         for _ in 0..3 {
             child2.add(0, ExitReason::IoOut);
         }
-        fleet.update(vec![snapshot("g", 2, &fresh)]);
+        fleet.update(vec![snapshot_with("g", 2, &fresh, Some(dropped.clone()))]);
         let again = totals(&String::from_utf8(render(&reg)).unwrap());
         assert_eq!(again[io0], before[io0] + 3.0);
         for (k, v) in &before {
