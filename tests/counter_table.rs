@@ -1,5 +1,5 @@
 //! The counter table as an attack surface, on a real fleet (`vmm-fleet up`, built-in
-//! guests, real KVM): from outside the VM child, through /proc/<child>/fd, resize its
+//! guests, real KVM): from outside the VM child, through /proc/<child>, resize its
 //! table (refused: the memfd is sealed) and write garbage over it (the supervisor lives
 //! on, /metrics answers, no `_total` series goes down, no VM exports more vCPU rows than
 //! it has); then the VM's next start replaces the table, logged once, and the counters
@@ -84,20 +84,28 @@ fn wait_io_out_above(fleet: &Fleet, addr: SocketAddr, vm: &str, floor: f64) -> f
     seen
 }
 
-/// The VM child's own fd on its counter table, opened read-write from this process.
+/// The VM child's counter table, opened read-write from this process: through an fd the
+/// child holds, else through its mapping (`/proc/PID/map_files`; the child maps the
+/// table and closes its fd). Either link reads `/memfd:vmm-fleet:NAME (deleted)`.
 fn open_child_table(pid: u32, vm: &str) -> File {
     let want = format!("/memfd:vmm-fleet:{vm} (deleted)");
-    let dir = format!("/proc/{pid}/fd");
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
-    let fd = entries
-        .filter_map(Result::ok)
-        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == Path::new(&want)))
-        .unwrap_or_else(|| panic!("no fd of {pid} links to {want}"));
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(fd.path())
-        .expect("open the child's table")
+    let mut seen = Vec::new();
+    for sub in ["fd", "map_files"] {
+        let dir = format!("/proc/{pid}/{sub}");
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        for e in entries.filter_map(Result::ok) {
+            let link = std::fs::read_link(e.path());
+            if link.as_ref().is_ok_and(|l| l == Path::new(&want)) {
+                return OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(e.path())
+                    .unwrap_or_else(|err| panic!("open {}: {err}", e.path().display()));
+            }
+            seen.push((e.path(), link));
+        }
+    }
+    panic!("nothing of {pid} links to {want}: {seen:?}")
 }
 
 /// Random bytes (xorshift) over the whole file: the magic destroyed, the vCPU count
