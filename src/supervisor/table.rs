@@ -43,3 +43,35 @@ pub(super) fn prepare(name: &str, vcpus: usize, table: &mut Option<SharedTable>,
         t.handing_to(vcpus);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_keeps_a_clean_table_replaces_a_corrupted_one_and_makes_a_missing_one() {
+        let log = EventLog::default();
+        let mut table = create("t", &log);
+        let id = |t: &Option<SharedTable>| t.as_ref().map(|t| t.counters().id());
+        let first = id(&table);
+        assert!(first.is_some());
+        prepare("t", 2, &mut table, &log);
+        assert_eq!(id(&table), first, "a clean table is kept");
+        // What a child with 2 vCPUs may not write: a header of 255.
+        table.as_ref().unwrap().counters().set_vcpus(255);
+        assert!(table.as_ref().unwrap().check().is_err());
+        prepare("t", 2, &mut table, &log);
+        let second = id(&table);
+        assert!(
+            second.is_some() && second != first,
+            "a corrupted table is replaced"
+        );
+        assert_eq!(table.as_ref().unwrap().check(), Ok(()));
+        let mut none = None;
+        prepare("t", 1, &mut none, &log);
+        assert!(
+            none.is_some(),
+            "a VM without a table gets one at its next start"
+        );
+    }
+}
