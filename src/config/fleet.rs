@@ -214,6 +214,7 @@ impl FleetSettings {
 
 /// Everything `up`/`validate` need: settings (DIR/fleet.yaml or `settings_path`) + every VM, all problems from both reported together.
 ///
+/// A directory without VM files is an empty fleet, not an error.
 /// `settings_path`, when given, must exist (a missing explicit file is a problem) and
 /// replaces `DIR/fleet.yaml`, which is then ignored. VM files are those of
 /// [`config_files`](super::config_files); each gets the settings' `defaults`. Cross-file
@@ -225,12 +226,8 @@ pub fn load_fleet(
     default_log_dir: PathBuf,
     host_memory_mib: Option<u64>,
 ) -> Result<(FleetSettings, Vec<VmSpec>), ConfigError> {
+    // No VM file is a valid, empty fleet (a fresh install: the example ships disabled).
     let files = super::config_files(dir)?;
-    if files.is_empty() {
-        return Err(ConfigError::NoConfigs {
-            dir: dir.to_path_buf(),
-        });
-    }
     let loaded = match settings_path {
         Some(p) => read_settings(p, true, default_log_dir),
         None => read_settings(&dir.join(SETTINGS_FILE), false, default_log_dir),

@@ -776,11 +776,16 @@ fn settings_file_is_not_a_vm_file() {
     assert_eq!(s.stop_grace, Duration::from_secs(5));
     assert_eq!(specs.len(), 1);
 
-    // A directory holding only the settings file has no VM files.
+    // A directory holding only the settings file is an empty fleet (what a fresh
+    // package install has: the example VM ships disabled), settings still read.
     let only = TempDir::new("onlyfleet");
     only.write(SETTINGS_FILE, "stop_grace_s: 5\n");
-    let e = load_fleet(only.path(), None, PathBuf::new(), None).expect_err("no vms");
-    assert!(matches!(e, ConfigError::NoConfigs { .. }), "{e:?}");
+    let (s, specs) = load_fleet(only.path(), None, PathBuf::new(), None).expect("empty fleet");
+    assert!(specs.is_empty());
+    assert_eq!(s.stop_grace, Duration::from_secs(5));
+    // ... but its settings are still checked.
+    only.write(SETTINGS_FILE, "stop_grace_s: 0\n");
+    load_fleet(only.path(), None, PathBuf::new(), None).expect_err("bad settings");
 }
 
 #[test]

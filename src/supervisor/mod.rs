@@ -4,14 +4,15 @@
 //! The loop waits on one channel of [`Event`]s, fed by a signal thread (signal-hook) and
 //! by the worker thread of a reload (whose reading of the directory, whatever it holds,
 //! never delays signals and reaping), with a timeout set to the next timer (a backoff,
-//! a settle time, a kill deadline): no polling. Children's output goes to the output
-//! thread ([`output`]), never through the loop.
+//! a settle time, a kill deadline, systemd's watchdog): no polling. Children's output
+//! goes to the output thread ([`output`]), never through the loop.
 
 pub mod cgroup;
 pub mod output;
 pub mod policy;
 pub mod spawn;
 mod table;
+pub mod watchdog;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -351,8 +352,14 @@ impl<S: Spawner> Supervisor<S> {
         }
         self.publish();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        // systemd's watchdog (WatchdogSec=) is armed once READY=1 is sent.
+        let mut watchdog = watchdog::Watchdog::from_env(Instant::now());
         loop {
-            let timeout = self.next_deadline().map_or(Duration::from_secs(3600), |d| {
+            if let Some(w) = watchdog.as_mut() {
+                w.ping_if_due(Instant::now());
+            }
+            let next = watchdog::earliest(self.next_deadline(), watchdog.as_ref());
+            let timeout = next.map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
             match events.recv_timeout(timeout) {
@@ -650,6 +657,17 @@ impl<S: Spawner> Supervisor<S> {
     /// Apply a loaded directory: start added VMs, stop removed ones, restart changed
     /// ones, leave the rest alone. A bad directory changes nothing.
     pub fn apply_reload(&mut self, loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>) {
+        let loaded = loaded.and_then(|(settings, specs)| {
+            // A fleet may start empty, but a reload that would stop every VM because
+            // the directory lost all its files (a bad deploy, an unmounted volume) is
+            // refused: `vmm-fleet stop` / `systemctl stop` stop a fleet on purpose.
+            if specs.is_empty() && !self.vms.is_empty() {
+                return Err(ConfigError::NoConfigs {
+                    dir: self.source.dir.clone(),
+                });
+            }
+            Ok((settings, specs))
+        });
         let (settings, specs) = match loaded {
             Ok(x) => x,
             Err(e) => {

@@ -212,12 +212,11 @@ impl VmParams {
     }
 }
 
-/// The host's MemTotal in MiB, if /proc/meminfo says.
+/// The host's total RAM in MiB (MemTotal), from sysinfo(2): /proc/meminfo is hidden
+/// under the unit's `ProcSubset=pid`.
 pub fn host_memory_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    let info = nix::sys::sysinfo::sysinfo().ok()?;
+    Some(info.ram_total() >> 20)
 }
 
 /// A VM whose vCPUs run.
