@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Package tests: build the .deb and .rpm (packaging/build-packages.sh), lint and list
-# them, check the unit, install the .deb and run its example fleet as the vmm-fleet
-# user the way vmm-fleet.service would, remove and purge it, and install the .rpm
-# into a scratch root.
+# them, check the unit (systemd-analyze verify, and security: exposure at most 2.5),
+# install the .deb, run its fleet as the vmm-fleet user the way vmm-fleet.service would
+# (empty as installed, then with the example VM enabled; READY=1 and WATCHDOG=1 on a
+# notify socket), remove and purge it (a user's file in /var/lib/vmm-fleet survives),
+# and install the .rpm into a scratch root.
 #
 # Run as root on Debian 12 (installs what it needs with apt-get). Works without systemd
 # as PID 1; /dev/kvm is given to group kvm (0660, as the udev rule does on a real
@@ -45,6 +47,7 @@ fleet_pid=
 notify_pid=
 kvm_owner=
 kvm_mode=
+user_file=
 cleanup() {
   if [ -n "$notify_pid" ]; then kill "$notify_pid" 2>/dev/null || true; fi
   if [ -n "$fleet_pid" ] && kill -0 "$fleet_pid" 2>/dev/null; then
@@ -57,6 +60,11 @@ cleanup() {
   fi
   if dpkg-query -W -f='${db:Status-Status}' vmm-fleet 2>/dev/null | grep -qv '^not-installed$'; then
     dpkg -P vmm-fleet >/dev/null 2>&1 || true
+  fi
+  # What the test put where a user would (purge keeps those, by design).
+  if [ -n "$user_file" ]; then
+    rm -f "$user_file" /etc/vmm-fleet/vms.d/example.yaml
+    rmdir /var/lib/vmm-fleet /etc/vmm-fleet/vms.d /etc/vmm-fleet 2>/dev/null || true
   fi
   rm -rf "$work"
 }
@@ -81,7 +89,8 @@ echo "  $rpm"
 expected=(
   usr/bin/vmm-fleet
   etc/vmm-fleet/fleet.yaml
-  etc/vmm-fleet/vms.d/example.yaml
+  etc/vmm-fleet/vms.d/README
+  usr/share/doc/vmm-fleet/examples/example.yaml
   usr/share/doc/vmm-fleet/README.md
   usr/share/doc/vmm-fleet/copyright
   usr/share/man/man1/vmm-fleet.1.gz
@@ -116,9 +125,11 @@ check "deb holds the ${#expected[@]}+3 expected files${deb_missing[*]:+ (missing
 check "deb: /usr/bin/vmm-fleet is 0755 root" \
   bash -c "dpkg -c '$deb' | grep -Eq '^-rwxr-xr-x (root/root|0/0) .* \./usr/bin/vmm-fleet\$'"
 dpkg-deb -e "$deb" "$work/control"
-check "deb conffiles: fleet.yaml and vms.d/example.yaml" \
+check "deb conffiles: fleet.yaml and vms.d/README" \
   bash -c "grep -qx /etc/vmm-fleet/fleet.yaml '$work/control/conffiles' &&
-           grep -qx /etc/vmm-fleet/vms.d/example.yaml '$work/control/conffiles'"
+           grep -qx /etc/vmm-fleet/vms.d/README '$work/control/conffiles'"
+check "deb: no VM file enabled (no *.yaml in /etc/vmm-fleet/vms.d)" \
+  bash -c "! grep -E '^etc/vmm-fleet/vms\.d/.*\.ya?ml\$' '$work/deb.list'"
 check "deb control: amd64, depends on libc6 and adduser, description" \
   bash -c "f=\$(dpkg-deb -f '$deb' Architecture Depends Description);
            grep -qx 'Architecture: amd64' <<<\"\$f\" && grep -q '^Depends: .*libc6' <<<\"\$f\" &&
@@ -136,9 +147,10 @@ for p in "${expected[@]}" usr/lib/systemd/system/vmm-fleet.service; do
 done
 check "rpm holds the ${#expected[@]}+1 expected files${rpm_missing[*]:+ (missing: ${rpm_missing[*]})}" \
   test ${#rpm_missing[@]} -eq 0
-check "rpm config(noreplace): fleet.yaml and vms.d/example.yaml" \
+check "rpm config(noreplace): fleet.yaml and vms.d/README; no VM file enabled" \
   bash -c "c=\$(rpm -qp --configfiles '$rpm' 2>/dev/null);
-           grep -qx /etc/vmm-fleet/fleet.yaml <<<\"\$c\" && grep -qx /etc/vmm-fleet/vms.d/example.yaml <<<\"\$c\" &&
+           grep -qx /etc/vmm-fleet/fleet.yaml <<<\"\$c\" && grep -qx /etc/vmm-fleet/vms.d/README <<<\"\$c\" &&
+           ! grep -E '^etc/vmm-fleet/vms\.d/.*\.ya?ml\$' '$work/rpm.list' &&
            rpm -qp --qf '[%{FILENAMES} %{FILEFLAGS:fflags}\n]' '$rpm' 2>/dev/null | grep -q '^/etc/vmm-fleet/fleet.yaml cn\$'"
 check "rpm header: x86_64, license, summary, libc requirement" \
   bash -c "[ \"\$(rpm -qp --qf '%{ARCH}|%{LICENSE}' '$rpm' 2>/dev/null)\" = 'x86_64|Apache-2.0 OR BSD-3-Clause' ] &&
@@ -190,11 +202,35 @@ check "unit: Type=notify, runs as vmm-fleet with kvm, up --settings /etc/vmm-fle
            grep -qx 'ExecStart=/usr/bin/vmm-fleet up --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d' $unit &&
            grep -qx 'ExecReload=/bin/kill -HUP \$MAINPID' $unit && grep -qx 'KillMode=mixed' $unit &&
            grep -qx 'DeviceAllow=/dev/kvm rw' $unit && grep -qx 'LogsDirectory=vmm-fleet' $unit"
+check "unit contains a VM's failure: OOMPolicy=continue, OOMScoreAdjust<0, WatchdogSec, Delegate, LimitCORE=0" \
+  bash -c "grep -qx 'OOMPolicy=continue' $unit && grep -Eqx 'OOMScoreAdjust=-[0-9]+' $unit &&
+           grep -Eqx 'WatchdogSec=[1-9][0-9]*s' $unit && grep -qx 'Delegate=yes' $unit && grep -qx 'LimitCORE=0' $unit"
+check "unit: no capabilities, native syscalls only, /proc limited, IP only to localhost" \
+  bash -c "grep -qx 'CapabilityBoundingSet=' $unit && grep -qx 'AmbientCapabilities=' $unit &&
+           grep -qx 'SystemCallArchitectures=native' $unit && grep -q '^SystemCallFilter=@system-service' $unit &&
+           grep -qx 'ProtectProc=invisible' $unit && grep -qx 'ProcSubset=pid' $unit &&
+           grep -qx 'IPAddressDeny=any' $unit && grep -qx 'IPAddressAllow=localhost' $unit &&
+           grep -qx 'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK' $unit"
+# The default metrics address must be inside IPAddressAllow=localhost.
+check "fleet.yaml's metrics_address is a loopback address (IPAddressAllow=localhost)" \
+  grep -Eqx 'metrics_address: (127\.[0-9.]+|\[::1\]):[0-9]+' /etc/vmm-fleet/fleet.yaml
+# The exposure level systemd computes from the unit (0 = locked down, 10 = wide open);
+# --threshold is in tenths.
+echo "== systemd-analyze security"
+sec_rc=0
+systemd-analyze security --offline=true --threshold=25 --no-pager "$unit" >"$work/security.txt" 2>&1 || sec_rc=$?
+grep -E '✗' "$work/security.txt" | sed 's/^/  | /' || true
+exposure=$(sed -n 's/.*Overall exposure level for vmm-fleet\.service: \([0-9.]*\).*/\1/p' "$work/security.txt")
+echo "  exposure level: ${exposure:-?} (at most 2.5)"
+check "systemd-analyze security: exposure ${exposure:-?} <= 2.5 (--threshold=25 exit $sec_rc)" \
+  bash -c "[ '$sec_rc' -eq 0 ] && [ -n '$exposure' ] && awk 'BEGIN { exit !($exposure <= 2.5) }'"
 
-echo "== installed binary: validate and run the example fleet as vmm-fleet"
-check "vmm-fleet validate --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d" \
-  /usr/bin/vmm-fleet validate --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d
+echo "== installed binary: validate, and run the fleet as vmm-fleet (empty, then the example)"
 check "vmm-fleet --version" bash -c "/usr/bin/vmm-fleet --version | grep -q '^vmm-fleet '"
+check "example VM not enabled after install: no *.yaml in /etc/vmm-fleet/vms.d" \
+  bash -c "! ls /etc/vmm-fleet/vms.d/ | grep -Eq '\.ya?ml\$'"
+check "vmm-fleet validate on the installed (empty) fleet: 0 VM(s), all valid" \
+  bash -c "/usr/bin/vmm-fleet validate --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d | grep -q ' 0 VM(s), all valid'"
 
 # /dev/kvm as the udev rule leaves it on a real host: root:kvm 0660.
 kvm_owner=$(stat -c '%u:%g' /dev/kvm)
@@ -225,43 +261,76 @@ with open(sys.argv[2], "a") as out:
 ' "$work/notify/sock" "$work/notify.log" &
 notify_pid=$!
 while [ ! -S "$work/notify/sock" ] && kill -0 "$notify_pid" 2>/dev/null; do sleep 0.05; done
-# As the unit does: user vmm-fleet with its groups, a clean environment, $LOGS_DIRECTORY,
-# $NOTIFY_SOCKET.
-setpriv --reuid=vmm-fleet --regid=vmm-fleet --init-groups \
-  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LOGS_DIRECTORY=/var/log/vmm-fleet \
-  NOTIFY_SOCKET="$work/notify/sock" \
-  /usr/bin/vmm-fleet up "${metrics[@]}" --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d \
-  >"$work/up.out" 2>"$work/up.err" &
-fleet_pid=$!
-deadline=$((SECONDS + 40))
-while [ $SECONDS -lt $deadline ] && kill -0 "$fleet_pid" 2>/dev/null &&
-  ! grep -q 'heartbeat 1' "$console" 2>/dev/null; do
-  sleep 0.2
-done
+# start_fleet NAME: as the unit does: user vmm-fleet with its groups, a clean environment,
+# $LOGS_DIRECTORY, $NOTIFY_SOCKET, and WatchdogSec= as $WATCHDOG_USEC (1 s here) with
+# $WATCHDOG_PID = the supervisor's pid (sh execs it, keeping its pid).
+start_fleet() {
+  : >"$work/notify.log"
+  setpriv --reuid=vmm-fleet --regid=vmm-fleet --init-groups \
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LOGS_DIRECTORY=/var/log/vmm-fleet \
+    NOTIFY_SOCKET="$work/notify/sock" WATCHDOG_USEC=1000000 \
+    sh -c 'WATCHDOG_PID=$$ exec "$@"' sh \
+    /usr/bin/vmm-fleet up "${metrics[@]}" --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d \
+    >"$work/up-$1.out" 2>"$work/up-$1.err" &
+  fleet_pid=$!
+}
+# wait_for SECONDS COMMAND...: until COMMAND succeeds, the fleet exits, or the time is up.
+wait_for() {
+  local deadline=$((SECONDS + $1))
+  shift
+  while [ $SECONDS -lt $deadline ] && kill -0 "$fleet_pid" 2>/dev/null && ! "$@"; do sleep 0.2; done
+  "$@"
+}
+# stop_fleet NAME: SIGTERM; it must stop within 30 s (stop_grace_s is 10). Sets up_rc.
+stop_fleet() {
+  up_rc=0
+  kill -TERM "$fleet_pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 30))
+  while kill -0 "$fleet_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
+  kill -KILL "$fleet_pid" 2>/dev/null && echo "  fleet did not stop within 30 s: SIGKILL" >&2
+  wait "$fleet_pid" || up_rc=$?
+  fleet_pid=
+  if [ "$up_rc" -ne 0 ]; then
+    echo "  --- up stderr ($1):" >&2
+    tail -n 20 "$work/up-$1.err" >&2 || true
+  fi
+}
+pings() { grep -cx 'WATCHDOG=1' "$work/notify.log" || true; }
+
+# As installed: no VM. The fleet runs anyway (READY=1, metrics, watchdog).
+start_fleet empty
+wait_for 30 bash -c "[ \"\$(grep -cx 'WATCHDOG=1' '$work/notify.log')\" -ge 2 ]" || true
+check "empty fleet (as installed) runs: READY=1, 'STATUS=0 running', 2 WATCHDOG=1" \
+  bash -c "grep -qx 'READY=1' '$work/notify.log' && grep -q '^STATUS=0 running' '$work/notify.log' &&
+           [ \"\$(grep -cx 'WATCHDOG=1' '$work/notify.log')\" -ge 2 ]"
+sed 's/^/  | notify: /' "$work/notify.log" | sort | uniq -c | sed 's/^ */  /'
+stop_fleet empty
+check "empty fleet: SIGTERM, exit 0 (exit $up_rc)" test "$up_rc" -eq 0
+
+# Enabled by hand, as the README says.
+cp /usr/share/doc/vmm-fleet/examples/example.yaml /etc/vmm-fleet/vms.d/
+check "enabled example validates: 1 VM(s), all valid" \
+  bash -c "/usr/bin/vmm-fleet validate --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d | grep -q ' 1 VM(s), all valid'"
+start_fleet example
+wait_for 40 grep -q 'heartbeat 1' "$console" || true
 check "example VM's console shows 'heartbeat 1' ($console)" grep -q 'heartbeat 1' "$console"
 vm_users() { for p in $(pgrep -P "$fleet_pid"); do stat -c %U "/proc/$p"; done | sort -u; }
 check "supervisor and its VM process run as vmm-fleet, not root" \
   test "$(stat -c %U "/proc/$fleet_pid")/$(vm_users | tr '\n' ' ')" = "vmm-fleet/vmm-fleet "
-check "sd_notify (Type=notify): READY=1 and a STATUS= line arrived" \
-  bash -c "grep -qx 'READY=1' '$work/notify.log' && grep -q '^STATUS=.' '$work/notify.log'"
-sed 's/^/  | notify: /' "$work/notify.log"
+seen=$(pings)
+wait_for 20 bash -c "[ \"\$(grep -cx 'WATCHDOG=1' '$work/notify.log')\" -ge $((seen + 3)) ]" || true
+check "sd_notify (Type=notify): READY=1, a STATUS= line, WATCHDOG=1 keeps arriving ($(pings) so far)" \
+  bash -c "grep -qx 'READY=1' '$work/notify.log' && grep -q '^STATUS=1 running' '$work/notify.log' &&
+           [ \"\$(grep -cx 'WATCHDOG=1' '$work/notify.log')\" -ge $((seen + 3)) ]"
+sed 's/^/  | notify: /' "$work/notify.log" | sort | uniq -c | sed 's/^ */  /'
 check "console and log files belong to vmm-fleet" \
   bash -c "[ \"\$(stat -c %U $console /var/log/vmm-fleet/example.log | sort -u)\" = vmm-fleet ]"
-up_rc=0
-kill -TERM "$fleet_pid" 2>/dev/null || true
-# It must stop within 30 s (stop_grace_s is 10); then wait gives its exit code.
-deadline=$((SECONDS + 30))
-while kill -0 "$fleet_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
-kill -KILL "$fleet_pid" 2>/dev/null && echo "  fleet did not stop within 30 s: SIGKILL" >&2
-wait "$fleet_pid" || up_rc=$?
-fleet_pid=
+stop_fleet example
 kill "$notify_pid" 2>/dev/null || true
 wait "$notify_pid" 2>/dev/null || true
 notify_pid=
 check "SIGTERM: vmm-fleet up exits 0 (exit $up_rc)" test "$up_rc" -eq 0
 if [ "$up_rc" -ne 0 ] || [ ! -s "$console" ]; then
-  echo "  --- up stderr:" >&2
-  tail -n 20 "$work/up.err" >&2 || true
   tail -n 20 /var/log/vmm-fleet/example.log >&2 || true
 fi
 check "no vmm-fleet processes left" bash -c "! pgrep -u vmm-fleet >/dev/null"
@@ -271,11 +340,29 @@ kvm_mode=
 check "/dev/kvm permissions restored ($kvm_owner $(stat -c %a /dev/kvm))" \
   test "$(stat -c '%u:%g' /dev/kvm)" = "$kvm_owner"
 
-echo "== dpkg -r, dpkg -P"
+echo "== dpkg -r, dpkg -P: what a user put there survives"
+# A user's disk image, as an admin would leave one for a VM.
+user_file=/var/lib/vmm-fleet/disk-of-a-user.img
+printf 'user data\n' >"$user_file"
+chown vmm-fleet:vmm-fleet "$user_file"
 check "dpkg -r" bash -c "dpkg -r vmm-fleet >'$work/dpkg-r.log' 2>&1 || { cat '$work/dpkg-r.log' >&2; false; }"
 check "after remove: no /usr/bin/vmm-fleet, conffiles kept, user kept" \
   bash -c "[ ! -e /usr/bin/vmm-fleet ] && [ -f /etc/vmm-fleet/fleet.yaml ] && getent passwd vmm-fleet >/dev/null"
 check "dpkg -P" bash -c "dpkg -P vmm-fleet >'$work/dpkg-p.log' 2>&1 || { cat '$work/dpkg-p.log' >&2; false; }"
+sed 's/^/  | /' "$work/dpkg-p.log"
+check "after purge: the user's file in /var/lib/vmm-fleet survives, intact" \
+  bash -c "[ \"\$(cat '$user_file')\" = 'user data' ]"
+check "after purge: the kept /var/lib/vmm-fleet is root's (0750), and the note says so" \
+  bash -c "[ \"\$(stat -c '%U:%G %a' /var/lib/vmm-fleet)\" = 'root:root 750' ] &&
+           grep -q '/var/lib/vmm-fleet is not empty' '$work/dpkg-p.log'"
+check "after purge: the VM file the admin enabled is kept, the package's conffiles are gone" \
+  bash -c "[ -f /etc/vmm-fleet/vms.d/example.yaml ] && [ ! -e /etc/vmm-fleet/fleet.yaml ] &&
+           [ ! -e /etc/vmm-fleet/vms.d/README ]"
+check "after purge: /var/log/vmm-fleet (the package's logs) is gone" test ! -e /var/log/vmm-fleet
+# The admin's own clean-up; then a purge with nothing of a user's leaves nothing.
+rm -rf /var/lib/vmm-fleet /etc/vmm-fleet
+check "dpkg -i, dpkg -P again (nothing of a user's this time)" \
+  bash -c "{ dpkg -i '$deb' && dpkg -P vmm-fleet; } >'$work/dpkg-ip.log' 2>&1 || { cat '$work/dpkg-ip.log' >&2; false; }"
 left=()
 for p in /usr/bin/vmm-fleet /etc/vmm-fleet /var/log/vmm-fleet /var/lib/vmm-fleet /run/vmm-fleet \
   /lib/systemd/system/vmm-fleet.service /usr/share/vmm-fleet /usr/share/doc/vmm-fleet \

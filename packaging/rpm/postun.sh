@@ -1,7 +1,12 @@
 # vmm-fleet %postun: reload units; restart a running service after an upgrade.
-# On erase the user, /var/log/vmm-fleet and /var/lib/vmm-fleet are kept, as RPM
-# packages do (there is no purge); remove them by hand if wanted:
-#   userdel vmm-fleet; rm -rf /var/log/vmm-fleet /var/lib/vmm-fleet
+# On erase, as RPM packages do, the user and /var/log/vmm-fleet are kept (remove them by
+# hand if wanted: userdel vmm-fleet; rm -rf /var/log/vmm-fleet). /var/lib/vmm-fleet,
+# which %post made, goes only when empty: users keep kernels and disk images there, and
+# nothing a user put there is ever removed.
+if [ "$1" -eq 0 ] && [ -d /var/lib/vmm-fleet ]; then
+    rmdir /var/lib/vmm-fleet 2>/dev/null ||
+        echo "vmm-fleet: /var/lib/vmm-fleet is not empty (kernels, disk images?): kept" >&2
+fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     if [ "$1" -ge 1 ]; then
