@@ -39,6 +39,9 @@ const CPU_QUOTA_MIN_US: u64 = 1_000;
 const REMOVE_RETRY: Duration = Duration::from_secs(1);
 /// Attempts before a busy VM cgroup is left for the fleet's exit.
 const REMOVE_ATTEMPTS: u32 = 30;
+/// At the fleet's exit, how long to wait for processes a VM child left in its cgroup to
+/// die of their SIGKILL before its directory is removed.
+const EXIT_KILL_WAIT: Duration = Duration::from_millis(500);
 /// The controllers this module sets limits with.
 const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 /// The leaf the supervisor moves itself into on v2.
@@ -341,6 +344,9 @@ impl FleetCgroups {
     pub fn exited(&mut self, name: &str, now: Instant) -> Option<String> {
         let vm = self.live.remove(name)?;
         let kills = oom_kills(&vm.oom_file).saturating_sub(vm.oom_kills_before);
+        // What the child left behind (a process it forked, as a compromised VMM may)
+        // must not outlive the VM, keep its cgroup or pipes busy, or join its successor.
+        kill_members(self.version, &vm.dirs);
         let mut left = Leftover {
             dirs: vm.dirs,
             attempts: 0,
@@ -371,6 +377,7 @@ impl FleetCgroups {
         self.retry_at = None;
         for l in &mut self.leftovers {
             l.attempts += 1;
+            kill_members(self.version, &l.dirs);
             try_remove(&mut l.dirs);
         }
         self.leftovers
@@ -388,6 +395,14 @@ impl FleetCgroups {
             .flat_map(|v| v.dirs)
             .chain(self.leftovers.drain(..).flat_map(|l| l.dirs))
             .collect();
+        if kill_members(self.version, &dirs) > 0 {
+            // SIGKILLed processes leave their cgroup within milliseconds; no later retry
+            // comes at exit, so wait for them here (bounded).
+            let deadline = Instant::now() + EXIT_KILL_WAIT;
+            while !try_remove(&mut dirs) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         dirs.extend(self.hierarchies.drain(..).map(|h| h.fleet_dir));
         self.retry_at = None;
         try_remove(&mut dirs);
@@ -398,6 +413,71 @@ impl FleetCgroups {
 impl Drop for FleetCgroups {
     fn drop(&mut self) {
         self.remove_all();
+    }
+}
+
+/// SIGKILL every process still in the VM cgroups `dirs` (on v2 through `cgroup.kill`
+/// when the kernel has it); returns how many were signalled. A pid read from
+/// `cgroup.procs` is pinned with a pidfd and signalled only if the cgroup still lists it
+/// after the pidfd is open, so a recycled pid of an unrelated process is never hit.
+fn kill_members(version: Version, dirs: &[PathBuf]) -> usize {
+    let mut n = 0;
+    for dir in dirs {
+        if version == Version::V2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+            n += 1;
+            continue;
+        }
+        let procs = dir.join("cgroup.procs");
+        let listed = |p: &Path| -> Vec<i32> {
+            fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        };
+        let pinned: Vec<(i32, PidFd)> = listed(&procs)
+            .into_iter()
+            .filter_map(|pid| PidFd::open(pid).map(|fd| (pid, fd)))
+            .collect();
+        if pinned.is_empty() {
+            continue;
+        }
+        let still = listed(&procs);
+        for (pid, fd) in pinned {
+            if still.contains(&pid) && fd.kill() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// A process pinned by a pidfd: signals reach that process or none.
+struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    fn open(pid: i32) -> Option<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: the kernel just returned this fd; nothing else owns it.
+        Some(PidFd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn kill(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal on an fd we own, no siginfo (null), no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        r == 0
     }
 }
 

@@ -1,0 +1,158 @@
+//! Attacks on the merged containment, each done for real: what a compromised VM child
+//! (arbitrary code as the VM user, in its cgroup, with its fds) or a local user can try
+//! against the supervisor, its sibling VMs and the files it writes.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use common::fleet::Fleet;
+use common::*;
+
+/// KVM present and root (VMs start as another user, in cgroups). Loud when not.
+fn may_run(test: &str) -> bool {
+    if !kvm_available(test) {
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("\n*** ATTACK-TEST-SKIPPED: {test}: needs root ***\n");
+        return false;
+    }
+    true
+}
+
+fn idle_vm(dir: &Path, name: &str) {
+    std::fs::write(
+        dir.join(format!("{name}.yaml")),
+        format!(
+            "name: {name}\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nbuiltin:\n  then: idle\n  heartbeat_ms: 100\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn status_ids(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(str::to_string))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The v1 cgroup.procs files of `pid`'s memory, pids and cpu cgroups.
+fn cgroup_procs_of(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrl, path) = (it.next()?, it.next()?, it.next()?);
+            ["memory", "pids", "cpu"]
+                .contains(&ctrl)
+                .then(|| format!("/sys/fs/cgroup/{ctrl}{path}/cgroup.procs"))
+        })
+        .collect()
+}
+
+/// What a compromised VM child can do with one fork: a process of the VM's user in the
+/// VM's cgroups that ignores SIGPIPE and never exits by itself. Planted from outside
+/// (same cgroups, same uid/gid as `vm_pid`), since the VMM cannot be made to fork.
+fn plant_leftover(vm_pid: u32) -> Child {
+    let procs = cgroup_procs_of(vm_pid);
+    assert!(
+        procs.iter().any(|p| p.contains("/memory/")),
+        "VM not in a memory cgroup: {procs:?}"
+    );
+    let joins: String = procs.iter().map(|p| format!("echo $$ > {p} && ")).collect();
+    let (uid, gid) = (status_ids(vm_pid, "Uid"), status_ids(vm_pid, "Gid"));
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{joins} exec setpriv --reuid {uid} --regid {gid} --clear-groups \
+             sh -c 'trap \"\" PIPE HUP TERM; while :; do sleep 1; done'"
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sh")
+}
+
+fn in_cgroup_of(pid: u32, vm_pid: u32) -> bool {
+    let mine = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let vm = std::fs::read_to_string(format!("/proc/{vm_pid}/cgroup")).unwrap_or_default();
+    !mine.is_empty() && mine == vm
+}
+
+/// A process a VM child leaves in its cgroup dies with the VM: it neither survives the
+/// VM's death into its successor's cgroup (sharing its limits, keeping its pipes) nor
+/// the fleet's exit (an orphan of the VM user with no supervisor).
+#[test]
+fn what_a_vm_child_forks_dies_with_it() {
+    if !may_run("what_a_vm_child_forks_dies_with_it") {
+        return;
+    }
+    let dir = scratch("attack-leftover");
+    idle_vm(&dir, "lo");
+    let fleet = Fleet::up(&dir);
+    assert!(
+        fleet.wait_for(Duration::from_secs(30), |f| f.count("vm lo: running") >= 1),
+        "{}",
+        fleet.log()
+    );
+    let vm = fleet.pid_of("lo");
+    let mut left = plant_leftover(vm);
+    assert!(
+        wait_until(Duration::from_secs(10), || in_cgroup_of(left.id(), vm)),
+        "planting failed"
+    );
+    // The VM dies (a crash): what it left in its cgroup must die too.
+    kill(Pid::from_raw(vm as i32), Signal::SIGKILL).unwrap();
+    let gone = wait_until(Duration::from_secs(10), || {
+        left.try_wait().unwrap().is_some()
+    });
+    let _ = left.kill();
+    let _ = left.wait();
+    assert!(
+        gone,
+        "a process the VM left in its cgroup outlived it\n{}",
+        fleet.log()
+    );
+    assert!(
+        fleet.wait_for(Duration::from_secs(30), |f| f.count("vm lo: running") >= 2),
+        "{}",
+        fleet.log()
+    );
+
+    // Again, then the fleet exits: nothing of the VM user stays behind.
+    let vm = fleet.pid_of("lo");
+    let mut left = plant_leftover(vm);
+    assert!(wait_until(Duration::from_secs(10), || in_cgroup_of(
+        left.id(),
+        vm
+    )));
+    fleet.signal(Signal::SIGTERM);
+    assert!(
+        fleet.wait_for(Duration::from_secs(30), |f| f.count("exiting") >= 1),
+        "{}",
+        fleet.log()
+    );
+    let gone = wait_until(Duration::from_secs(10), || {
+        left.try_wait().unwrap().is_some()
+    });
+    let _ = left.kill();
+    let _ = left.wait();
+    assert!(gone, "a leftover outlived the fleet\n{}", fleet.log());
+    assert_eq!(fleet.count("not removed"), 0, "{}", fleet.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
