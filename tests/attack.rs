@@ -156,3 +156,51 @@ fn what_a_vm_child_forks_dies_with_it() {
     assert_eq!(fleet.count("not removed"), 0, "{}", fleet.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A console file in a directory every user may write (a local user could plant a
+/// symlink, a FIFO or a file of theirs there between rotations): refused by `validate`
+/// and by `up`, naming the file, the field and the directory; nothing is written there.
+#[test]
+fn a_console_file_in_a_world_writable_directory_is_refused() {
+    let dir = scratch("attack-console-dir");
+    let (cfg, public) = (dir.join("cfg"), dir.join("public"));
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::create_dir_all(&public).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let console = public.join("c.console");
+    std::fs::write(
+        cfg.join("c.yaml"),
+        format!(
+            "name: c\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: {}\n",
+            console.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("validate")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("c.yaml: console:") && text.contains("writable by every user"),
+        "{text}"
+    );
+    let out = Command::new(bin())
+        .arg("up")
+        .arg(&cfg)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--metrics-address")
+        .arg("127.0.0.1:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("writable by every user"), "{text}");
+    assert!(!console.exists(), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

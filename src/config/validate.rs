@@ -761,7 +761,22 @@ impl Validator<'_> {
                                 ),
                             );
                         }
-                        _ => {}
+                        // The log directory's rule, for the directory of a console file
+                        // too: another user must not plant a symlink, a FIFO or a file
+                        // of theirs where the supervisor writes the guest's console.
+                        Some(dir) => {
+                            if let Err(why) = super::files::check_log_dir(dir) {
+                                self.problem(
+                                    "console",
+                                    format!(
+                                        "{}: directory {}: {why}",
+                                        path.display(),
+                                        dir.display()
+                                    ),
+                                );
+                            }
+                        }
+                        None => {}
                     }
                 }
                 ConsoleSpec::File(path)

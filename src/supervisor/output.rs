@@ -326,6 +326,13 @@ impl OutputHub {
         let (mut console, log) = log_files(log_dir, name);
         let mut child_spec = None;
         if let ConsoleSpec::File(path) = &spec.console {
+            // Checked at validate too; checked again here, where it is written.
+            if let Some(dir) = path.parent() {
+                check_log_dir(dir).map_err(|reason| OutputError::Dir {
+                    path: dir.to_path_buf(),
+                    reason,
+                })?;
+            }
             console = path.clone();
             let mut s = spec.clone();
             s.console = ConsoleSpec::Stdout;
