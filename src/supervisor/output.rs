@@ -182,10 +182,16 @@ impl Sink {
     }
 
     fn rotate(&mut self) -> Result<(), OutputError> {
-        std::fs::rename(&self.path, rotated(&self.path)).map_err(|e| OutputError::File {
-            path: self.path.clone(),
-            reason: format!("rotating to .1: {e}"),
-        })?;
+        match std::fs::rename(&self.path, rotated(&self.path)) {
+            // Deleted or moved away by someone else (an admin's cleanup, logrotate):
+            // nothing to keep, start the new file; failing here would drop every byte
+            // of this VM's output until its next start.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            r => r.map_err(|e| OutputError::File {
+                path: self.path.clone(),
+                reason: format!("rotating to .1: {e}"),
+            })?,
+        }
         self.file = open_log_file(&self.path)?;
         self.size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(())
@@ -684,6 +690,23 @@ mod tests {
         }
         assert_eq!(std::fs::metadata(rotated(&path)).unwrap().len(), 900);
         assert!(!d.join("vm.console.1.1").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_file_deleted_under_a_sink_is_started_again_at_the_cap() {
+        let d = scratch("deleted");
+        let path = d.join("vm.console");
+        let mut s = Sink::open(path.clone(), 1000).unwrap();
+        s.write(&[b'x'; 600]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        s.write(&[b'y'; 600]).unwrap();
+        s.write(&[b'z'; 10]).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            [&[b'y'; 600][..], &[b'z'; 10]].concat()
+        );
+        assert!(!rotated(&path).exists());
         let _ = std::fs::remove_dir_all(&d);
     }
 
