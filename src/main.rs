@@ -174,6 +174,9 @@ fn cmd_up(
             return ProcessExit::FAILURE;
         }
     };
+    if let Err(e) = vmm_fleet::supervisor::output::raise_fd_limit() {
+        EventLog::default().line(4, &format!("cannot raise the open-files limit: {e}"));
+    }
     let mut signals = match Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {

@@ -204,3 +204,54 @@ fn a_console_file_in_a_world_writable_directory_is_refused() {
     assert!(!console.exists(), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A fleet larger than the soft open-files limit it is started with (5 fds per VM; the
+/// usual soft limit is 1024, so ~200 VMs): `up` raises the soft limit to the hard one,
+/// so every VM starts instead of failing with EMFILE.
+#[test]
+fn a_fleet_larger_than_the_soft_fd_limit_starts_every_vm() {
+    if !kvm_available("a_fleet_larger_than_the_soft_fd_limit_starts_every_vm") {
+        return;
+    }
+    let dir = scratch("attack-nofile");
+    const VMS: usize = 14;
+    for i in 0..VMS {
+        idle_vm(&dir, &format!("n{i}"));
+    }
+    let mut cmd = Command::new(bin());
+    cmd.arg("up")
+        .arg(&dir)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--metrics-address")
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches only the struct passed.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            let lim = libc::rlimit {
+                rlim_cur: 48,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let fleet = Fleet::from_child(child);
+    let ok = fleet.wait_for(Duration::from_secs(60), |f| {
+        f.count(": running") >= VMS || f.count("Too many open files") > 0
+    });
+    fleet.signal(Signal::SIGTERM);
+    assert!(ok, "{}", fleet.log());
+    assert_eq!(fleet.count("Too many open files"), 0, "{}", fleet.log());
+    assert!(
+        fleet.wait_for(Duration::from_secs(30), |f| f.count("exiting") >= 1),
+        "{}",
+        fleet.log()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

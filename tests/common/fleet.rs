@@ -38,6 +38,11 @@ impl Fleet {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn up");
+        Fleet::from_child(child)
+    }
+
+    /// A supervisor started by the caller, its stderr piped.
+    pub fn from_child(mut child: Child) -> Fleet {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let l = lines.clone();
         let err = child.stderr.take().unwrap();
