@@ -255,3 +255,53 @@ fn a_fleet_larger_than_the_soft_fd_limit_starts_every_vm() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A VM directory or a VM file every user may write (any local user could add a VM of
+/// their own, or change one, and have the fleet run it): refused by `validate` and
+/// `up` with the path and the reason; nothing starts.
+#[test]
+fn a_world_writable_vm_directory_or_file_is_refused() {
+    let dir = scratch("attack-config-dir");
+    let cfg = dir.join("cfg");
+    std::fs::create_dir_all(&cfg).unwrap();
+    let vm = cfg.join("w.yaml");
+    std::fs::write(
+        &vm,
+        "name: w\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: off\n",
+    )
+    .unwrap();
+    let run = |cmd: &str| {
+        let mut c = Command::new(bin());
+        c.arg(cmd).arg(&cfg);
+        if cmd == "up" {
+            c.arg("--log-dir")
+                .arg(dir.join("logs"))
+                .arg("--metrics-address")
+                .arg("127.0.0.1:0");
+        }
+        let out = c.stdin(Stdio::null()).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.success(), text)
+    };
+    assert!(run("validate").0, "{}", run("validate").1);
+    let set = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+    set(&cfg, 0o777).unwrap();
+    for cmd in ["validate", "up"] {
+        let (ok, text) = run(cmd);
+        assert!(!ok, "{cmd}: {text}");
+        let want = format!("{}: is writable by every user (mode 777)", cfg.display());
+        assert!(text.contains(&want), "{cmd}: {text}");
+        assert!(!text.contains("starting"), "{cmd}: {text}");
+    }
+    set(&cfg, 0o755).unwrap();
+    set(&vm, 0o666).unwrap();
+    for cmd in ["validate", "up"] {
+        let (ok, text) = run(cmd);
+        assert!(!ok, "{cmd}: {text}");
+        let want = format!("{}: cannot read: is writable by every user", vm.display());
+        assert!(text.contains(&want), "{cmd}: {text}");
+        assert!(!text.contains("starting"), "{cmd}: {text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -100,10 +100,35 @@ pub fn check_log_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Is `dir` safe to take VM files from: not writable by every user (sticky or not:
+/// anyone could add a VM there, with a kernel, initrd and console file of their
+/// choosing, run by the fleet's user)? The error is a short reason without the path.
+pub fn check_config_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() && m.permissions().mode() & 0o002 != 0 => Err(format!(
+            "is writable by every user (mode {:o}): any local user could add or change a \
+             VM; use a directory only the fleet's administrators can write",
+            m.permissions().mode() & 0o7777
+        )),
+        // Other failures are reported by whoever reads the directory next.
+        _ => Ok(()),
+    }
+}
+
 /// Reads a VM or settings file: a regular file of at most [`MAX_CONFIG_BYTES`], valid
-/// UTF-8. The error is a short reason without the path.
+/// UTF-8, not writable by every user. The error is a short reason without the path.
 pub fn read_config(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
     let (file, meta) = open_regular(path)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o002 != 0 {
+        return Err(format!(
+            "is writable by every user (mode {:o}): any local user could change this VM \
+             or the fleet's settings; chmod o-w",
+            mode & 0o7777
+        ));
+    }
     let too_big = |n: u64| {
         format!(
             "is {n} bytes, more than the {MAX_CONFIG_BYTES} bytes (1 MiB) a VM or settings file may have"

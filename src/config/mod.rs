@@ -421,6 +421,12 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         path: dir.to_path_buf(),
         source,
     };
+    files::check_config_dir(dir).map_err(|why| {
+        io_err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why,
+        ))
+    })?;
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
         let path = entry.map_err(io_err)?.path();
