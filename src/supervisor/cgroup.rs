@@ -390,19 +390,22 @@ impl FleetCgroups {
     /// Remove every VM cgroup and the fleet's directories (at exit). Returns what could
     /// not be removed.
     pub fn remove_all(&mut self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = std::mem::take(&mut self.live)
-            .into_values()
-            .flat_map(|v| v.dirs)
-            .chain(self.leftovers.drain(..).flat_map(|l| l.dirs))
-            .collect();
-        if kill_members(self.version, &dirs) > 0 {
+        // Only gone children's cgroups are emptied: `live` ones are not touched (this
+        // also runs on drop, and must never kill a running VM).
+        let mut left: Vec<PathBuf> = self.leftovers.drain(..).flat_map(|l| l.dirs).collect();
+        if kill_members(self.version, &left) > 0 {
             // SIGKILLed processes leave their cgroup within milliseconds; no later retry
             // comes at exit, so wait for them here (bounded).
             let deadline = Instant::now() + EXIT_KILL_WAIT;
-            while !try_remove(&mut dirs) && Instant::now() < deadline {
+            while !try_remove(&mut left) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
+        let mut dirs: Vec<PathBuf> = std::mem::take(&mut self.live)
+            .into_values()
+            .flat_map(|v| v.dirs)
+            .chain(left)
+            .collect();
         dirs.extend(self.hierarchies.drain(..).map(|h| h.fleet_dir));
         self.retry_at = None;
         try_remove(&mut dirs);
@@ -1004,6 +1007,34 @@ mod tests {
         assert!(c.leftovers.is_empty() && c.next_deadline().is_none());
         assert!(c.remove_all().is_empty());
         assert!(!base.join("0").exists());
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn members_are_killed_when_their_vm_is_gone_never_while_it_runs() {
+        let (mut c, base) = fake("members", Version::V1, &[vec!["memory"]]);
+        c.prepare(&spec("vcpus: 1\nmemory_mib: 8\n"), 0).unwrap();
+        let mut member = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        // A plain file stands for the cgroup's member list.
+        let procs = base.join("0/vm-a/cgroup.procs");
+        fs::write(&procs, format!("{}\n", member.id())).unwrap();
+        // Dropped (as on a panic) while the VM runs: its processes are left alone.
+        let live = std::mem::take(&mut c.live);
+        let mut other = FleetCgroups::disabled();
+        other.live = live;
+        drop(other);
+        assert!(member.try_wait().unwrap().is_none(), "a live VM was killed");
+        c.prepare(&spec("vcpus: 1\nmemory_mib: 8\n"), 0).unwrap();
+        fs::write(&procs, format!("{}\n", member.id())).unwrap();
+        c.exited("a", Instant::now());
+        let status = member.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
         fs::remove_dir_all(&base).unwrap();
     }
 

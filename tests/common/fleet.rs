@@ -33,7 +33,7 @@ impl Fleet {
         if let Some(a) = metrics_address {
             cmd.arg("--metrics-address").arg(a);
         }
-        let mut child = cmd
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
