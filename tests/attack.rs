@@ -305,3 +305,107 @@ fn a_world_writable_vm_directory_or_file_is_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = s.rsplit_once(") ").unwrap().1.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn last_heartbeat(console: &Path) -> u64 {
+    std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("heartbeat ")?.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Three compromised VM children write their stdout and stderr pipes as fast as native
+/// code can (not through the emulated UART) for 5 s: the supervisor's output thread
+/// keeps a quiet VM's heartbeats flowing, uses little CPU, and writes no more than the
+/// rate limit lets through.
+#[test]
+fn native_speed_floods_on_the_pipes_starve_no_one() {
+    if !may_run("native_speed_floods_on_the_pipes_starve_no_one") {
+        return;
+    }
+    let dir = scratch("attack-flood");
+    for n in ["q", "f0", "f1", "f2"] {
+        idle_vm(&dir, n);
+    }
+    let fleet = Fleet::up(&dir);
+    assert!(
+        fleet.wait_for(Duration::from_secs(60), |f| f.count(": running") >= 4),
+        "{}",
+        fleet.log()
+    );
+    let logs = dir.join("logs");
+    let sup = fleet.child.id();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for n in ["f0", "f1", "f2"] {
+        let pid = fleet.pid_of(n);
+        for fd in [1, 2] {
+            // The child's own pipe write end, as its code would use it.
+            let mut pipe = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{pid}/fd/{fd}"))
+                .unwrap();
+            let stop = stop.clone();
+            writers.push(std::thread::spawn(move || {
+                let buf = vec![b'z'; 65536];
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match std::io::Write::write(&mut pipe, &buf) {
+                        Ok(k) => n += k as u64,
+                        Err(_) => break,
+                    }
+                }
+                n
+            }));
+        }
+    }
+    let q = logs.join("q.console");
+    let (beat0, cpu0, t0) = (
+        last_heartbeat(&q),
+        cpu_ticks(sup),
+        std::time::Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let (beat1, cpu1, secs) = (
+        last_heartbeat(&q),
+        cpu_ticks(sup),
+        t0.elapsed().as_secs_f64(),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // A writer blocked on a full pipe returns once the output thread reads again.
+    let written: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let tick = 100.0; // USER_HZ
+    let cpu = (cpu1 - cpu0) as f64 / tick / secs;
+    eprintln!(
+        "flood: {} MiB written in {secs:.1} s; supervisor CPU {:.1}% of a core; \
+         quiet VM heartbeats {beat0} -> {beat1}",
+        written >> 20,
+        cpu * 100.0
+    );
+    assert!(
+        written > 50 << 20,
+        "the flood was too weak to test: {written}"
+    );
+    assert!(cpu < 0.5, "supervisor used {:.0}% of a core", cpu * 100.0);
+    // 100 ms heartbeats: 50 in 5 s; a starved VM would show few or none.
+    assert!(
+        beat1 >= beat0 + 20,
+        "quiet VM heartbeats {beat0} -> {beat1}"
+    );
+    // 16 KiB/s with a 16 s burst, per VM (console and log together).
+    let allowed = 16 * 1024 * (16 + secs.ceil() as u64 + 30);
+    for n in ["f0", "f1", "f2"] {
+        let size = |f: String| std::fs::metadata(logs.join(f)).map_or(0, |m| m.len());
+        let total = size(format!("{n}.console")) + size(format!("{n}.log"));
+        assert!(total <= allowed, "{n}: {total} bytes written");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
