@@ -409,3 +409,41 @@ fn native_speed_floods_on_the_pipes_starve_no_one() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A console file on a kernel interface file system (`/proc/sys/...`, a cgroup file):
+/// the guest's output would be written into the host kernel's knobs by the supervisor.
+/// Refused by `validate` and `up` before anything starts.
+#[test]
+fn a_console_file_on_proc_or_a_cgroup_file_is_refused() {
+    let dir = scratch("attack-console-proc");
+    let cfg = dir.join("cfg");
+    std::fs::create_dir_all(&cfg).unwrap();
+    for console in ["/proc/sys/kernel/core_pattern", "/sys/kernel/mm/ksm/run"] {
+        std::fs::write(
+            cfg.join("p.yaml"),
+            format!("name: p\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: {console}\n"),
+        )
+        .unwrap();
+        for cmd in ["validate", "up"] {
+            let out = Command::new(bin())
+                .arg(cmd)
+                .arg(&cfg)
+                .args(
+                    ["--metrics-address", "127.0.0.1:0"]
+                        .iter()
+                        .filter(|_| cmd == "up"),
+                )
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            assert!(!out.status.success(), "{cmd} {console}: {text}");
+            assert!(
+                text.contains("p.yaml: console:") && text.contains("kernel interface"),
+                "{cmd} {console}: {text}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

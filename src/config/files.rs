@@ -116,6 +116,42 @@ pub fn check_config_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Why a console file on a kernel interface file system is refused.
+pub const KERNEL_INTERFACE: &str = "is on a kernel interface file system (proc, sys, \
+     cgroup, ...), not a place for a log file: the guest would be writing to the host kernel";
+
+/// Is `file` on a file system whose "regular files" are kernel knobs: a console
+/// pointed at `/proc/sys/kernel/core_pattern` or a cgroup's `memory.limit_in_bytes`
+/// would let the guest's output reconfigure the host (as the supervisor's user).
+pub fn is_kernel_interface<F: std::os::fd::AsFd>(file: F) -> bool {
+    use nix::sys::statfs::{
+        BPF_FS_MAGIC, CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, DEBUGFS_MAGIC, PROC_SUPER_MAGIC,
+        SECURITYFS_MAGIC, SELINUX_MAGIC, SMACK_MAGIC, SYSFS_MAGIC, TRACEFS_MAGIC, fstatfs,
+    };
+    const EFIVARFS_MAGIC: u32 = 0xde5e_81e4;
+    const CONFIGFS_MAGIC: u32 = 0x6265_6570;
+    let Ok(fs) = fstatfs(file) else {
+        return false;
+    };
+    let t = fs.filesystem_type();
+    // Magic numbers are 32 bits; fs_type_t is wider on some targets.
+    let raw = t.0 as u32;
+    [
+        PROC_SUPER_MAGIC,
+        SYSFS_MAGIC,
+        CGROUP_SUPER_MAGIC,
+        CGROUP2_SUPER_MAGIC,
+        DEBUGFS_MAGIC,
+        TRACEFS_MAGIC,
+        SECURITYFS_MAGIC,
+        SELINUX_MAGIC,
+        SMACK_MAGIC,
+        BPF_FS_MAGIC,
+    ]
+    .contains(&t)
+        || [EFIVARFS_MAGIC, CONFIGFS_MAGIC].contains(&raw)
+}
+
 /// Reads a VM or settings file: a regular file of at most [`MAX_CONFIG_BYTES`], valid
 /// UTF-8, not writable by every user. The error is a short reason without the path.
 pub fn read_config(path: &Path) -> Result<String, String> {

@@ -765,7 +765,14 @@ impl Validator<'_> {
                         // too: another user must not plant a symlink, a FIFO or a file
                         // of theirs where the supervisor writes the guest's console.
                         Some(dir) => {
-                            if let Err(why) = super::files::check_log_dir(dir) {
+                            let on_kernel_fs =
+                                fs::File::open(dir).is_ok_and(super::files::is_kernel_interface);
+                            let why = if on_kernel_fs {
+                                Err(super::files::KERNEL_INTERFACE.to_string())
+                            } else {
+                                super::files::check_log_dir(dir)
+                            };
+                            if let Err(why) = why {
                                 self.problem(
                                     "console",
                                     format!(

@@ -35,7 +35,7 @@ use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::EventLog;
-use crate::config::files::check_log_dir;
+use crate::config::files::{KERNEL_INTERFACE, check_log_dir, is_kernel_interface};
 use crate::config::{ConsoleSpec, FleetSettings, VmSpec};
 
 /// Seconds of `console_rate_kib_s` a VM may write at once (its bucket's size): a Linux
@@ -159,6 +159,9 @@ pub fn open_log_file(path: &Path) -> Result<File, OutputError> {
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
     if !meta.is_file() {
         return Err(err("is not a regular file".to_string()));
+    }
+    if is_kernel_interface(&file) {
+        return Err(err(KERNEL_INTERFACE.to_string()));
     }
     Ok(file)
 }
@@ -731,6 +734,29 @@ mod tests {
             [&[b'y'; 600][..], &[b'z'; 10]].concat()
         );
         assert!(!rotated(&path).exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn kernel_interface_files_are_refused_before_any_write() {
+        // Opened for appending and closed unwritten, even without the check.
+        let e = open_log_file(Path::new("/proc/sys/kernel/core_pattern"));
+        match e {
+            Err(e) => assert!(
+                e.to_string().contains("kernel interface")
+                    || e.to_string().contains("ermission denied"),
+                "{e}"
+            ),
+            Ok(_) => panic!("a console file on /proc/sys was accepted"),
+        }
+        let e = open_log_file(Path::new("/sys/kernel/mm/transparent_hugepage/enabled"));
+        if let Err(e) = e {
+            assert!(!e.to_string().contains("regular"), "{e}");
+        } else {
+            panic!("a console file on /sys was accepted");
+        }
+        let d = scratch("plain");
+        assert!(open_log_file(&d.join("ok.console")).is_ok());
         let _ = std::fs::remove_dir_all(&d);
     }
 
