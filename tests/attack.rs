@@ -447,3 +447,39 @@ fn a_console_file_on_proc_or_a_cgroup_file_is_refused() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A kernel or initrd on a kernel interface file system (`/proc/kcore`, `/proc/*/environ`
+/// are "regular files"): opened by the child before it drops privileges, it would put
+/// host memory or secrets into the guest. Refused at validate and where the child opens
+/// it (a path swapped after validation).
+#[test]
+fn a_kernel_or_initrd_on_proc_is_refused_at_validate_and_in_the_child() {
+    let dir = scratch("attack-initrd-proc");
+    std::fs::write(
+        dir.join("i.yaml"),
+        "name: i\nvcpus: 1\nmemory_mib: 32\nkernel: /proc/self/environ\n\
+         initrd: /proc/self/environ\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("validate")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{text}");
+    for key in ["kernel", "initrd"] {
+        assert!(
+            text.contains(&format!("{key}: /proc/self/environ: is a kernel interface")),
+            "{text}"
+        );
+    }
+    for what in ["kernel", "initrd"] {
+        let e = match vmm_fleet::vm::boot::ImageFile::open(what, Path::new("/proc/self/environ")) {
+            Ok(_) => panic!("/proc/self/environ accepted as a {what}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("kernel interface"), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

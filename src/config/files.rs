@@ -69,6 +69,10 @@ pub fn open_regular(path: &Path) -> Result<(File, Metadata), String> {
             what => format!("is {what}, not a regular file"),
         });
     }
+    if is_kernel_interface(&file) {
+        // /proc/kcore as an initrd: the host's memory in a guest.
+        return Err("is a kernel interface (proc, sys, ...) file, not a regular file".to_string());
+    }
     Ok((file, meta))
 }
 

@@ -148,10 +148,16 @@ impl ImageFile {
             .map_err(io_err)?;
         let ft = file.metadata().map_err(io_err)?.file_type();
         let kind = if ft.is_file() {
-            return Ok(ImageFile {
-                path: path.to_path_buf(),
-                file,
-            });
+            // /proc/kcore is a "regular file": opened as root before the drop, it
+            // would put the host's memory into the guest.
+            if crate::config::files::is_kernel_interface(&file) {
+                "a kernel interface (proc, sys, ...) file"
+            } else {
+                return Ok(ImageFile {
+                    path: path.to_path_buf(),
+                    file,
+                });
+            }
         } else if ft.is_dir() {
             "a directory"
         } else if ft.is_fifo() {
