@@ -1039,6 +1039,45 @@ mod tests {
     }
 
     #[test]
+    fn members_of_a_real_v2_cgroup_are_killed_through_cgroup_kill() {
+        let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap());
+        let Some(m) = mounts.iter().find(|m| m.fstype == "cgroup2") else {
+            eprintln!("no cgroup2 mount: v2 kill test not run");
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: v2 kill test not run");
+            return;
+        }
+        let dir = m
+            .point
+            .join(format!("vmm-fleet-kill-unit-{}", std::process::id()));
+        make_dir(&dir).unwrap();
+        let p = Placement {
+            procs: vec![CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).unwrap()],
+        };
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("60");
+        // SAFETY: Placement::join is async-signal-safe (open, write, close).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || p.join());
+        }
+        let mut child = cmd.spawn().unwrap();
+        assert_eq!(kill_members(Version::V2, std::slice::from_ref(&dir)), 1);
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        let mut dirs = vec![dir];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !try_remove(&mut dirs) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(dirs.is_empty(), "{dirs:?}");
+    }
+
+    #[test]
     fn disabled_cgroups_place_nothing() {
         let mut c = FleetCgroups::disabled();
         assert!(!c.enabled());
