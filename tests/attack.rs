@@ -483,3 +483,67 @@ fn a_kernel_or_initrd_on_proc_is_refused_at_validate_and_in_the_child() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The default log directory sits next to the VM directory: in a sticky, world-writable
+/// parent (/tmp) any user can make it first, with a console file of their own in it. The
+/// root supervisor used to append the guest's console to that user's file; it now
+/// refuses the directory (the VM does not start) and writes nothing there.
+#[test]
+fn a_log_directory_made_first_by_another_user_is_refused() {
+    if !may_run("a_log_directory_made_first_by_another_user_is_refused") {
+        return;
+    }
+    let top = scratch("attack-logdir-owner");
+    std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let cfg = top.join("cfg");
+    std::fs::create_dir_all(&cfg).unwrap();
+    idle_vm(&cfg, "v");
+    let logs = top.join("vmm-fleet-logs");
+    let planted = logs.join("v.console");
+    let st = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "mkdir {0} && touch {1} && chmod 666 {1}",
+            logs.display(),
+            planted.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut child = Command::new(bin())
+        .arg("up")
+        .arg(&cfg)
+        .arg("--metrics-address")
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child.stdin.take();
+    let fleet = Fleet::from_child(child);
+    let refused = fleet.wait_for(Duration::from_secs(30), |f| {
+        f.count("is owned by nobody") > 0 || f.count("vm v: running") > 0
+    });
+    fleet.signal(Signal::SIGTERM);
+    assert!(refused, "{}", fleet.log());
+    assert_eq!(fleet.count("vm v: running"), 0, "{}", fleet.log());
+    assert!(
+        fleet.log().contains(&format!(
+            "vm v: cannot start: log directory {}",
+            logs.display()
+        )),
+        "{}",
+        fleet.log()
+    );
+    assert_eq!(std::fs::metadata(&planted).unwrap().len(), 0);
+    assert!(!logs.join("v.log").exists());
+    let _ = std::fs::remove_dir_all(&top);
+}

@@ -129,6 +129,32 @@ pub fn log_files(log_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// Where the supervisor writes, the directory must be its own user's or root's: the
+/// owner of a directory can put a file of theirs where a console file goes (and read
+/// the guest's console from it) or a symlink (and keep the VM from starting). Such a
+/// directory is easy to get: the default log directory sits next to the VM directory,
+/// so any user can make it first in a sticky /tmp. Checked where files are written
+/// (not at `validate`, which root may run for a service that runs as another user).
+fn check_owner(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(dir).map_err(|e| e.to_string())?.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner == me || owner == 0 {
+        return Ok(());
+    }
+    let name = nix::unistd::User::from_uid(owner.into())
+        .ok()
+        .flatten()
+        .map_or_else(
+            || format!("uid {owner}"),
+            |u| format!("{} (uid {owner})", u.name),
+        );
+    Err(format!(
+        "is owned by {name}, neither the fleet's user nor root: that user could put a \
+         file of theirs where a console file goes and read the guest's console"
+    ))
+}
+
 /// `path` with `.1` appended: where it rotates to.
 fn rotated(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -356,15 +382,18 @@ impl OutputHub {
             .create(log_dir)
             .map_err(|e| dir_err(e.to_string()))?;
         check_log_dir(log_dir).map_err(dir_err)?;
+        check_owner(log_dir).map_err(dir_err)?;
         let (mut console, log) = log_files(log_dir, name);
         let mut child_spec = None;
         if let ConsoleSpec::File(path) = &spec.console {
             // Checked at validate too; checked again here, where it is written.
             if let Some(dir) = path.parent() {
-                check_log_dir(dir).map_err(|reason| OutputError::Dir {
-                    path: dir.to_path_buf(),
-                    reason,
-                })?;
+                check_log_dir(dir)
+                    .and_then(|()| check_owner(dir))
+                    .map_err(|reason| OutputError::Dir {
+                        path: dir.to_path_buf(),
+                        reason,
+                    })?;
             }
             console = path.clone();
             let mut s = spec.clone();
