@@ -174,6 +174,12 @@ fn cmd_up(
             return ProcessExit::FAILURE;
         }
     };
+    // Not dumpable: a process of our user (under the packaged unit, every VM child) can
+    // then neither ptrace us nor open /proc/PID/mem or /proc/PID/fd. Children are not
+    // affected (execve resets it; they make themselves not dumpable again).
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        EventLog::default().line(4, &format!("cannot make the supervisor not dumpable: {e}"));
+    }
     if let Err(e) = vmm_fleet::supervisor::output::raise_fd_limit() {
         EventLog::default().line(4, &format!("cannot raise the open-files limit: {e}"));
     }

@@ -547,3 +547,57 @@ fn a_log_directory_made_first_by_another_user_is_refused() {
     assert!(!logs.join("v.log").exists());
     let _ = std::fs::remove_dir_all(&top);
 }
+
+/// When the supervisor and its VM children share a user (the packaged unit runs `up` as
+/// `vmm-fleet`, and children keep its uid; or any unprivileged `up`), a compromised child
+/// must not reach into the supervisor: open its memory (/proc/PID/mem: read and write
+/// it, i.e. run code in it), list or open its fds, or ptrace it.
+#[test]
+fn a_process_of_the_supervisors_user_cannot_reach_into_it() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("\n*** ATTACK-TEST-SKIPPED: needs root to run up as another user ***\n");
+        return;
+    }
+    let dir = scratch("attack-same-uid");
+    idle_vm(&dir, "s");
+    nix::unistd::chown(&dir, Some(65534.into()), Some(65534.into())).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(args);
+        c
+    };
+    let child = as_nobody(&[bin(), "up"])
+        .arg(&dir)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .args(["--metrics-address", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fleet = Fleet::from_child(child);
+    let sup = fleet.child.id();
+    // Up and looping (its VMs may fail without access to /dev/kvm: irrelevant here).
+    assert!(
+        fleet.wait_for(Duration::from_secs(30), |f| f.count("vm s: starting") > 0),
+        "{}",
+        fleet.log()
+    );
+    let probe = |what: &str| {
+        let out = as_nobody(&["sh", "-c", what]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mem = probe(&format!("exec 3</proc/{sup}/mem && echo opened"));
+    let fds = probe(&format!("ls /proc/{sup}/fd && echo listed"));
+    fleet.signal(Signal::SIGTERM);
+    assert!(
+        !mem.contains("opened"),
+        "the supervisor's memory was opened"
+    );
+    assert!(
+        !fds.contains("listed"),
+        "the supervisor's fds were listed: {fds}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
