@@ -310,6 +310,9 @@ fn jailed_vm(
         .map_err(|e| format!("counter table: {e}"))?;
     let opened = OpenedVm::open(&spec, table.map(Arc::new), started)
         .map_err(|e| format!("vm {}: {e}", spec.name))?;
+    if let Some(ids) = a.ids {
+        check_images_readable(ids, &opened.params).map_err(|e| format!("vm {}: {e}", spec.name))?;
+    }
     jail::lock_down(&Jail {
         ids: a.ids,
         supervisor_pid: a.supervisor_pid,
@@ -317,6 +320,22 @@ fn jailed_vm(
     })
     .map_err(|e| format!("vm {}: {e}", spec.name))?;
     Ok((spec.name, opened))
+}
+
+/// The kernel and initrd, opened as the supervisor's user, must be readable by the VM
+/// user too ([`jail::check_readable_by`]).
+fn check_images_readable(
+    ids: jail::Ids,
+    params: &vmm_fleet::vm::VmParams,
+) -> Result<(), jail::NotReadable> {
+    use vmm_fleet::vm::{Initrd, Kernel};
+    if let Kernel::Opened(f) = &params.kernel {
+        jail::check_readable_by(ids, "kernel", f.path(), f.as_file())?;
+    }
+    if let Some(Initrd::Opened(f)) = &params.initrd {
+        jail::check_readable_by(ids, "initrd", f.path(), f.as_file())?;
+    }
+    Ok(())
 }
 
 fn cmd_run_vm(file: &Path, a: &RunVmArgs<'_>) -> ExitCode {

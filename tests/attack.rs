@@ -601,3 +601,41 @@ fn a_process_of_the_supervisors_user_cannot_reach_into_it() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The child opens kernel and initrd as root, before it drops to `vm_user`: a path a
+/// local user controls (their kernel directory), swapped after `validate` for a symlink
+/// to a file only root may read, must not end up in that user's guest. The child refuses
+/// any image its VM user could not have read itself, before reading a byte of it.
+#[test]
+fn an_image_the_vm_user_could_not_read_is_refused_by_the_child() {
+    if !may_run("an_image_the_vm_user_could_not_read_is_refused_by_the_child") {
+        return;
+    }
+    let dir = scratch("attack-image-perm");
+    let secret = dir.join("root-only.bin");
+    std::fs::write(&secret, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.join("users-kernel");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    std::fs::write(
+        dir.join("k.yaml"),
+        format!(
+            "name: k\nvcpus: 1\nmemory_mib: 32\nkernel: {}\nrestart:\n  policy: never\n",
+            link.display()
+        ),
+    )
+    .unwrap();
+    let fleet = Fleet::up(&dir);
+    let log = dir.join("logs/k.log");
+    let seen = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("vm k:"))
+    });
+    fleet.signal(Signal::SIGTERM);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(seen, "{}\n{text}", fleet.log());
+    assert!(
+        text.contains("kernel") && text.contains("not readable by the VM user"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -176,6 +176,11 @@ impl ImageFile {
         })
     }
 
+    /// The open file (to check, not to read from: reading moves its offset).
+    pub fn as_file(&self) -> &File {
+        &self.file
+    }
+
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.path

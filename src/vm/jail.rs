@@ -94,6 +94,64 @@ pub enum JailError {
     },
 }
 
+/// Why a file opened before the privilege drop is refused.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} {}: not readable by the VM user (uid {uid}; file mode {mode:o}, owner {owner}, \
+     group {group}): it is opened before the privilege drop, so it must be a file that user \
+     could read itself",
+    path.display()
+)]
+pub struct NotReadable {
+    /// `kernel` or `initrd`.
+    pub what: &'static str,
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// The VM user.
+    pub uid: u32,
+    /// The file's permission bits.
+    pub mode: u32,
+    /// The file's owner.
+    pub owner: u32,
+    /// The file's group.
+    pub group: u32,
+}
+
+/// Checks that `ids` could have read `file` (opened as the supervisor's user, before the
+/// drop) by its permission bits. Else a path a local user controls (a kernel in their
+/// directory, swapped for a symlink to /etc/shadow after `validate`) would put data only
+/// root may read into that user's guest.
+pub fn check_readable_by(
+    ids: Ids,
+    what: &'static str,
+    path: &std::path::Path,
+    file: &std::fs::File,
+) -> Result<(), NotReadable> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |mode, owner, group| NotReadable {
+        what,
+        path: path.to_path_buf(),
+        uid: ids.uid,
+        mode,
+        owner,
+        group,
+    };
+    let meta = file.metadata().map_err(|_| err(0, 0, 0))?;
+    let (mode, owner, group) = (meta.mode() & 0o7777, meta.uid(), meta.gid());
+    let ok = if owner == ids.uid {
+        mode & 0o400 != 0
+    } else if group == ids.gid || Some(group) == ids.kvm_gid {
+        mode & 0o040 != 0
+    } else {
+        mode & 0o004 != 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(err(mode, owner, group))
+    }
+}
+
 fn sys(what: &'static str) -> impl FnOnce(nix::Error) -> JailError {
     move |source| JailError::Sys { what, source }
 }
