@@ -639,3 +639,58 @@ fn an_image_the_vm_user_could_not_read_is_refused_by_the_child() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A console file outside the log directory (`console: /etc/cron.d/x` passes every
+/// other rule: root's directory, not writable by others): the root supervisor would
+/// write the guest's output there, and cron would run it. Whoever may write a VM file
+/// (a group-writable VM directory) must not get that: refused by `validate` and `up`.
+#[test]
+fn a_console_file_outside_the_log_directory_is_refused() {
+    let dir = scratch("attack-console-outside");
+    let (cfg, logs, elsewhere) = (dir.join("cfg"), dir.join("logs"), dir.join("etc-cron.d"));
+    for d in [&cfg, &logs, &elsewhere] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(
+        cfg.join("fleet.yaml"),
+        format!("log_dir: {}\n", logs.display()),
+    )
+    .unwrap();
+    let vm = |console: &str| {
+        std::fs::write(
+            cfg.join("o.yaml"),
+            format!("name: o\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: {console}\n"),
+        )
+        .unwrap();
+    };
+    let run = |cmd: &str| {
+        let mut c = Command::new(bin());
+        c.arg(cmd).arg(&cfg);
+        if cmd == "up" {
+            c.args(["--metrics-address", "127.0.0.1:0"]);
+        }
+        let out = c.stdin(Stdio::null()).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let sneaky = format!("{}/../etc-cron.d/x", logs.display());
+    for console in [elsewhere.join("x").display().to_string(), sneaky] {
+        vm(&console);
+        for cmd in ["validate", "up"] {
+            let (ok, text) = run(cmd);
+            assert!(!ok, "{cmd} {console}: {text}");
+            assert!(
+                text.contains("o.yaml: console:") && text.contains("outside the log directory"),
+                "{cmd}: {text}"
+            );
+        }
+        assert!(!elsewhere.join("x").exists());
+    }
+    // In the log directory, a file of its own is fine.
+    vm(&logs.join("o-own.console").display().to_string());
+    let (ok, text) = run("validate");
+    assert!(ok, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

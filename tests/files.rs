@@ -160,11 +160,12 @@ fn output_beyond_the_rate_limit_is_dropped_and_counted() {
     let dir = scratch("flood-rate");
     std::fs::write(dir.join("fleet.yaml"), "console_rate_kib_s: 1\n").unwrap();
     vm_file(&dir, "fl", "  then: flood\n");
-    // A VM with its own console file: under `up` the supervisor writes that file too,
-    // with the same limits.
+    // A VM with its own console file (in the log directory: `up` writes nowhere else):
+    // the supervisor writes that file too, with the same limits.
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
     std::fs::write(
         dir.join("own.yaml"),
-        "name: own\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: own.console\n\
+        "name: own\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nconsole: logs/mine.console\n\
          builtin:\n  then: flood\n",
     )
     .unwrap();
@@ -197,7 +198,7 @@ fn output_beyond_the_rate_limit_is_dropped_and_counted() {
             .is_some_and(|d| d > 10_000)),
         "own: no dropped bytes counted"
     );
-    let own = size(&dir.join("own.console"));
+    let own = size(&dir.join("logs/mine.console"));
     let allowed = 16 * 1024 + 1024 * (start.elapsed().as_secs() + 2);
     assert!(own > 0 && own <= allowed, "own.console: {own} bytes");
     assert!(!dir.join("logs/own.console").exists());

@@ -247,6 +247,24 @@ pub fn load_fleet(
         problems.push(Problem::new(file, "log_dir", why));
     }
     let specs = super::load_vms(files, defaults.as_ref(), &mut problems);
+    for spec in &specs {
+        if let super::ConsoleSpec::File(path) = &spec.console
+            && !inside(path, log_dir)
+        {
+            problems.push(Problem::new(
+                &spec.source,
+                "console",
+                format!(
+                    "{}: outside the log directory {}: under `up` the supervisor writes a \
+                     guest's console only there (a file elsewhere, e.g. in /etc/cron.d, \
+                     would hand the guest whatever reads it); use `console: stdout` \
+                     (LOG_DIR/NAME.console) or a file in the log directory",
+                    path.display(),
+                    log_dir.display()
+                ),
+            ));
+        }
+    }
     if let Some(avail) = host_memory_mib
         && !loaded.settings.memory_overcommit
         && !loaded.overcommit_invalid
@@ -259,6 +277,17 @@ pub fn load_fleet(
     } else {
         Err(ConfigError::from_problems(problems))
     }
+}
+
+/// Is `path` lexically inside `dir` (no `..` anywhere, both made absolute)? The log
+/// directory is the fleet's own (not writable by others), so no one else can put a
+/// symlink on the way.
+fn inside(path: &Path, dir: &Path) -> bool {
+    use std::path::Component;
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let (path, dir) = (abs(path), abs(dir));
+    let no_dots = |p: &Path| !p.components().any(|c| c == Component::ParentDir);
+    no_dots(&path) && no_dots(&dir) && path.starts_with(&dir) && path != dir
 }
 
 /// The settings file as written: each key is deserialized on its own, so all optional.
