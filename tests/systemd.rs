@@ -247,7 +247,12 @@ fn reload_into_an_empty_directory_is_refused_and_the_vm_keeps_running() {
     let addr = fleet.addr(); // up and serving, with no VM
     assert_eq!(fleet.count(": starting (pid "), 0, "{}", fleet.log());
     // From empty, a reload that brings a VM file starts it.
-    builtin_config(&vms, "late", 1, "idle", "");
+    // Console to LOG_DIR/late.console: under `up` a console file must be in the log dir.
+    std::fs::write(
+        vms.join("late.yaml"),
+        "name: late\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\nbuiltin:\n  then: idle\n",
+    )
+    .unwrap();
     fleet.signal(Signal::SIGHUP);
     assert!(
         fleet.wait_for(Duration::from_secs(20), |f| f.count("vm late: running")
