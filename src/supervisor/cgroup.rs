@@ -39,6 +39,8 @@ const CPU_QUOTA_MIN_US: u64 = 1_000;
 const REMOVE_RETRY: Duration = Duration::from_secs(1);
 /// Attempts before a busy VM cgroup is left for the fleet's exit.
 const REMOVE_ATTEMPTS: u32 = 30;
+/// Rounds of SIGKILL for what a gone child left in its cgroup.
+const KILL_ROUNDS: u32 = 4;
 /// At the fleet's exit, how long to wait for processes a VM child left in its cgroup to
 /// die of their SIGKILL before its directory is removed.
 const EXIT_KILL_WAIT: Duration = Duration::from_millis(500);
@@ -346,7 +348,15 @@ impl FleetCgroups {
         let kills = oom_kills(&vm.oom_file).saturating_sub(vm.oom_kills_before);
         // What the child left behind (a process it forked, as a compromised VMM may)
         // must not outlive the VM, keep its cgroup or pipes busy, or join its successor.
-        kill_members(self.version, &vm.dirs);
+        // A few rounds: on v1, a process may fork between the read of cgroup.procs and
+        // the kill (v2's cgroup.kill has no such gap). A few milliseconds at most, and
+        // only when something was left.
+        for _ in 0..KILL_ROUNDS {
+            if kill_members(self.version, &vm.dirs) == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut left = Leftover {
             dirs: vm.dirs,
             attempts: 0,
@@ -425,19 +435,25 @@ impl Drop for FleetCgroups {
 /// after the pidfd is open, so a recycled pid of an unrelated process is never hit.
 fn kill_members(version: Version, dirs: &[PathBuf]) -> usize {
     let mut n = 0;
+    let listed = |p: &Path| -> Vec<i32> {
+        fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
     for dir in dirs {
-        if version == Version::V2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-            n += 1;
-            continue;
-        }
         let procs = dir.join("cgroup.procs");
-        let listed = |p: &Path| -> Vec<i32> {
-            fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect()
-        };
+        if version == Version::V2 {
+            let members = listed(&procs).len();
+            if members == 0 {
+                continue;
+            }
+            if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+                n += members;
+                continue;
+            }
+        }
         let pinned: Vec<(i32, PidFd)> = listed(&procs)
             .into_iter()
             .filter_map(|pid| PidFd::open(pid).map(|fd| (pid, fd)))
