@@ -17,6 +17,7 @@ use vmm_fleet::supervisor::output::OutputHub;
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
 use vmm_fleet::supervisor::{Event, EventLog, FleetSource, STATE_NAMES, Supervisor};
 use vmm_fleet::vm::jail::{self, Ids, Jail, OpenedVm};
+use vmm_fleet::vm::seccomp::{SeccompMode, ThreadKind, spawn_filtered};
 use vmm_fleet::vm::{RunningVm, StopCause, StopLatch, host_memory_mib, run_to_end};
 
 #[derive(Parser)]
@@ -85,7 +86,27 @@ enum Command {
         /// only names it.
         #[arg(long)]
         spec_stdin: bool,
+        /// Seccomp filters on every thread of the VM process (the supervisor passes the
+        /// fleet setting `seccomp` through); `off` only for debugging.
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        seccomp: OnOff,
     },
+}
+
+/// A switch given as `on` or `off`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl From<OnOff> for SeccompMode {
+    fn from(v: OnOff) -> Self {
+        match v {
+            OnOff::On => SeccompMode::On,
+            OnOff::Off => SeccompMode::Off,
+        }
+    }
 }
 
 fn main() -> ProcessExit {
@@ -101,6 +122,7 @@ fn main() -> ProcessExit {
             gid,
             kvm_gid,
             spec_stdin,
+            seccomp,
         } => {
             let ids = uid.zip(gid).map(|(uid, gid)| Ids { uid, gid, kvm_gid });
             let child = RunVmArgs {
@@ -110,6 +132,7 @@ fn main() -> ProcessExit {
                 counters_fd,
                 ids,
                 spec_stdin,
+                seccomp: seccomp.into(),
             };
             ProcessExit::from(cmd_run_vm(&file, &child).code())
         }
@@ -273,6 +296,7 @@ struct RunVmArgs<'a> {
     counters_fd: Option<i32>,
     ids: Option<Ids>,
     spec_stdin: bool,
+    seccomp: SeccompMode,
 }
 
 fn load_spec(file: &Path, a: &RunVmArgs<'_>) -> Result<VmSpec, String> {
@@ -359,13 +383,17 @@ fn cmd_run_vm(file: &Path, a: &RunVmArgs<'_>) -> ExitCode {
         }
     };
     let l = latch.clone();
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                l.set(StopCause::Signal(sig));
-            }
-        });
-    let vm = RunningVm::start_with(opened.kvm, opened.params, latch);
+    // Filtered from its start (the first thing it does), before any guest runs.
+    let spawned = spawn_filtered(ThreadKind::Signals, a.seccomp, move || {
+        if let Some(sig) = signals.forever().next() {
+            l.set(StopCause::Signal(sig));
+        }
+    });
+    if let Err(e) = spawned {
+        eprintln!("vmm-fleet: vm {name}: {e}");
+        return ExitCode::VmmError;
+    }
+    // The other threads get their filters as they start, this one last (see vm::seccomp).
+    let vm = RunningVm::start_filtered(opened.kvm, opened.params, latch, a.seccomp);
     run_to_end(&name, vm, &mut std::io::stderr())
 }

@@ -86,6 +86,9 @@ pub struct FleetSettings {
     /// killer acts (`cgroup_overhead_mib`, 0..=65536, default 64 MiB): the VMM's own code,
     /// heap, stacks and page tables.
     pub cgroup_overhead_mib: u64,
+    /// `seccomp: on|off` (default on): whether every thread of each VM child runs under
+    /// its seccomp filter; `off` is for debugging a VMM only.
+    pub seccomp: bool,
 }
 
 /// A resolved `vm_user`: the ids a VM child drops to before its guest runs.
@@ -170,6 +173,7 @@ impl FleetSettings {
             console_max_mib: DEFAULT_CONSOLE_MAX_MIB,
             console_rate_kib_s: DEFAULT_CONSOLE_RATE_KIB_S,
             cgroup_overhead_mib: DEFAULT_CGROUP_OVERHEAD_MIB,
+            seccomp: true,
         }
     }
 
@@ -314,6 +318,7 @@ struct RawSettings {
     console_rate_kib_s: Option<i64>,
     #[serde(default)]
     cgroup_overhead_mib: Option<i64>,
+    seccomp: Option<Value>,
 }
 
 /// Outcome of reading a settings file.
@@ -416,6 +421,7 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
                     console_max_mib: raw.console_max_mib.or(r.console_max_mib),
                     console_rate_kib_s: raw.console_rate_kib_s.or(r.console_rate_kib_s),
                     cgroup_overhead_mib: raw.cgroup_overhead_mib.or(r.cgroup_overhead_mib),
+                    seccomp: raw.seccomp.or(r.seccomp),
                 }
             }
         }
@@ -497,6 +503,18 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
             Err(why) => problem("vm_user", why),
         }
     }
+    if let Some(v) = raw.seccomp {
+        match on_off(&v) {
+            Some(on) => s.seccomp = on,
+            None => problem(
+                "seccomp",
+                match &v {
+                    Value::String(s) => format!("expected on or off, found `{s}`"),
+                    other => format!("expected on or off, found {}", validate::describe(other)),
+                },
+            ),
+        }
+    }
     match raw.defaults {
         None | Some(Value::Null) => {}
         Some(Value::Mapping(m)) => {
@@ -542,6 +560,16 @@ fn resolve_vm_user(name: &str) -> Result<Option<VmUser>, String> {
          only run as its own user; remove vm_user or run the supervisor as root",
         user.uid
     ))
+}
+
+/// `on`/`off` (YAML 1.2 reads them as strings), or a boolean.
+fn on_off(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s == "on" => Some(true),
+        Value::String(s) if s == "off" => Some(false),
+        _ => None,
+    }
 }
 
 /// Can `dir` be used as a log directory: it is one, or its parent is one?

@@ -1132,3 +1132,28 @@ fn cgroup_overhead_mib_setting() {
         assert!(ps[0].reason.ends_with("(line 2)"), "{ps:?}");
     }
 }
+
+#[test]
+fn settings_seccomp_on_off() {
+    let dir = TempDir::new("settingsseccomp");
+    let defaults = FleetSettings::defaults(PathBuf::from("/l"));
+    assert!(defaults.seccomp, "seccomp is on by default");
+    for (text, on) in [
+        ("seccomp: off\n", false),
+        ("seccomp: on\n", true),
+        ("seccomp: false\n", false),
+        ("seccomp: true\n", true),
+        ("stop_grace_s: 5\n", true),
+    ] {
+        let f = dir.write(SETTINGS_FILE, text);
+        let s = FleetSettings::load(&f, PathBuf::new()).expect(text);
+        assert_eq!(s.seccomp, on, "{text}");
+    }
+    let f = dir.write(SETTINGS_FILE, "stop_grace_s: 5\nseccomp: maybe\n");
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert_eq!(keys(&ps), ["seccomp"], "{ps:?}");
+    assert_eq!(ps[0].reason, "expected on or off, found `maybe` (line 2)");
+    let f = dir.write(SETTINGS_FILE, "seccomp: 1\n");
+    let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
+    assert!(ps[0].reason.contains("found a number"), "{ps:?}");
+}

@@ -446,6 +446,7 @@ impl<S: Spawner> Supervisor<S> {
         let log_dir = self.settings.log_dir.clone();
         let user = self.settings.vm_user.clone();
         let limits = output::Limits::from_settings(&self.settings);
+        let seccomp = self.settings.seccomp;
         let Some(vm) = self.vms.get_mut(name) else {
             return;
         };
@@ -462,6 +463,7 @@ impl<S: Spawner> Supervisor<S> {
             user: user.as_ref(),
             output: self.output.as_ref().map(|o| (o, limits)),
             cgroup: cgroup.as_ref().ok().and_then(Option::as_ref),
+            seccomp,
         };
         let spawned = match &cgroup {
             Ok(_) => self.spawner.spawn(&req),
@@ -533,6 +535,10 @@ impl<S: Spawner> Supervisor<S> {
             name,
             &format!("exited: {}", how.describe()),
         );
+        if how.is_seccomp_violation() {
+            // A crash like any death by signal (restarted by policy), but say why.
+            self.log.vm(3, name, "seccomp violation (killed by SIGSYS)");
+        }
         self.after_exit(name, how, now);
     }
 

@@ -42,6 +42,12 @@ impl ChildExit {
         }
     }
 
+    /// Whether the child was killed by SIGSYS: its seccomp filter caught a system call
+    /// its thread may not make (a failure like any other death by signal).
+    pub fn is_seccomp_violation(&self) -> bool {
+        *self == ChildExit::Signal(libc::SIGSYS)
+    }
+
     /// A human description for logs, e.g. `"guest crashed (exit code 4)"`,
     /// `"killed by signal 9 (SIGKILL)"`, `"exit code 42"`.
     pub fn describe(&self) -> String {
@@ -410,6 +416,7 @@ mod tests {
             (OnFailure, Code(6),   down.clone(), Stopped),
             (OnFailure, Code(42),  R100,         Backoff),
             (OnFailure, Signal(9), R100,         Backoff),
+            (OnFailure, Signal(31), R100,        Backoff),
             (Always,    Code(0),   R0,           Backoff),
             (Always,    Code(3),   R0,           Backoff),
             (Always,    Code(4),   R100,         Backoff),
@@ -443,8 +450,14 @@ mod tests {
             (ChildExit::Code(-1), true),
             (ChildExit::Signal(9), true),
             (ChildExit::Signal(15), true),
+            (ChildExit::Signal(libc::SIGSYS), true),
         ] {
             assert_eq!(how.is_failure(), failure, "{how:?}");
+            assert_eq!(
+                how.is_seccomp_violation(),
+                how == ChildExit::Signal(libc::SIGSYS),
+                "{how:?}"
+            );
         }
     }
 

@@ -46,6 +46,8 @@ pub struct SpawnRequest<'a> {
     pub output: Option<(&'a OutputHub, Limits)>,
     /// The VM's cgroup, joined by the child before it runs anything (`None`: no limits).
     pub cgroup: Option<&'a Placement>,
+    /// Fleet setting `seccomp`: false passes `--seccomp off` to the child.
+    pub seccomp: bool,
 }
 
 /// Starts and signals VM children.
@@ -83,6 +85,9 @@ impl ProcessSpawner {
             .arg("--spec-stdin");
         if setup.table.is_some() {
             cmd.arg("--counters-fd").arg(COUNTERS_FD.to_string());
+        }
+        if !req.seccomp {
+            cmd.arg("--seccomp").arg("off");
         }
         if let Some(u) = req.user {
             cmd.arg("--uid")

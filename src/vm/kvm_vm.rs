@@ -15,6 +15,7 @@ use super::boot;
 use super::devices::Bus;
 use super::memory::GuestMem;
 use super::mptable;
+use super::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use super::vcpu::{
     ExitHandler, KvmVcpu, StopReason, VcpuConfig, VcpuError, VcpuRunState, VmRunState,
     install_kick_handler, kick_signal,
@@ -94,6 +95,9 @@ pub enum VmError {
     /// The VM is not in a state for this call.
     #[error("{0}")]
     State(&'static str),
+    /// The starting thread's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Counts live vCPU threads so `shutdown` can wait with a deadline.
@@ -129,6 +133,8 @@ pub struct KvmVm {
     /// A handle on the guest memory (its regions are shared): every slot KVM has stays
     /// mapped while the VM or any of its vCPU threads lives.
     mem: vm_memory::GuestMemoryMmap,
+    /// Whether `run` filters the vCPU threads and the thread calling it.
+    seccomp: SeccompMode,
 }
 
 impl KvmVm {
@@ -171,6 +177,7 @@ impl KvmVm {
             live: Arc::new(LiveThreads::default()),
             slots: Vec::new(),
             mem: mem.mem.clone(),
+            seccomp: SeccompMode::Off,
         };
         let mut vm = vm;
         vm.configure_memory_regions(mem)?;
@@ -273,6 +280,15 @@ impl KvmVm {
             })
     }
 
+    /// With [`SeccompMode::On`], `run` makes every vCPU thread install the vCPU filter at
+    /// its start, and installs the main-thread filter on the calling thread once every
+    /// vCPU thread exists, before the vCPUs are let into the guest. Call it only from the
+    /// thread that owns the process (the `run-vm` main thread) after every helper thread
+    /// has its own filter: the calling thread keeps the filter for good.
+    pub fn set_seccomp(&mut self, mode: SeccompMode) {
+        self.seccomp = mode;
+    }
+
     /// The shared run state.
     pub fn run_state(&self) -> VmRunState {
         self.vcpu_run_state.get()
@@ -295,6 +311,7 @@ impl KvmVm {
         // others get no go and end without ever reaching the barrier.
         let mut gates = Vec::with_capacity(vcpus.len());
         for mut vcpu in vcpus {
+            vcpu.seccomp = self.seccomp;
             let exit_handler = self.exit_handler.clone();
             let run_state = self.vcpu_run_state.clone();
             let mem = self.mem.clone();
@@ -335,7 +352,14 @@ impl KvmVm {
         for g in gates {
             let _ = g.send(());
         }
+        // Every thread of the process exists now: filter this one too before the vCPUs
+        // pass the barrier into the guest. If that fails no vCPU enters the guest.
+        let filtered = seccomp::apply_if(self.seccomp, ThreadKind::Main);
+        if filtered.is_err() {
+            self.vcpu_run_state.set_and_notify(VmRunState::Exiting);
+        }
         self.vcpu_barrier.wait();
+        filtered?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod jail;
 pub mod kvm_vm;
 pub mod memory;
 pub mod mptable;
+pub mod seccomp;
 pub mod stats;
 pub mod vcpu;
 
@@ -38,6 +39,7 @@ use devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, FirstByteWriter, SerialDevi
 use devices::{Bus, BusError};
 pub use kvm_vm::{KvmVm, StopCause, StopLatch, VmConfig, VmError};
 use memory::{GuestMem, MemoryError, RegionSpec, ram_layout};
+use seccomp::{SeccompError, SeccompMode, ThreadKind};
 pub use vcpu::StopReason;
 
 /// Errors building or starting a VM.
@@ -88,6 +90,9 @@ pub enum RunError {
     /// An eventfd.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A helper thread's seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 impl RunError {
@@ -228,49 +233,73 @@ pub struct RunningVm {
     bus: Arc<Bus>,
     counters: Arc<ExitCounters>,
     debug_port: Arc<DebugPort>,
-    stats: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+    stats: Option<StatsThread>,
 }
 
 /// How often the kernel's KVM statistics are copied into the counter table.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The `kvm_stats` thread: its stop channel and handle.
+type StatsThread = (mpsc::Sender<()>, JoinHandle<()>);
+
+/// The `kvm_stats` thread, filtered (when `mode` is on) before this returns. No thread
+/// (and no error) when KVM has no binary statistics; an error if its filter fails.
 fn start_stats_thread(
     vm: &KvmVm,
     counters: &Arc<ExitCounters>,
-) -> Option<(mpsc::Sender<()>, JoinHandle<()>)> {
-    let stats: Vec<stats::VcpuStats> = vm
+    mode: SeccompMode,
+) -> Result<Option<StatsThread>, SeccompError> {
+    let Ok(stats) = vm
         .vcpus()
         .iter()
         .map(|v| stats::VcpuStats::open(v.fd()))
-        .collect::<Result<_, _>>()
-        .ok()?;
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        return Ok(None);
+    };
     let publisher = stats::StatsPublisher::new(stats, counters.clone());
     let (tx, rx) = mpsc::channel::<()>();
-    let handle = std::thread::Builder::new()
-        .name("kvm_stats".into())
-        .spawn(move || {
-            loop {
-                publisher.publish();
-                match rx.recv_timeout(STATS_INTERVAL) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    _ => break,
-                }
-            }
+    let spawned = seccomp::spawn_filtered(ThreadKind::KvmStats, mode, move || {
+        loop {
             publisher.publish();
-        })
-        .ok()?;
-    Some((tx, handle))
+            match rx.recv_timeout(STATS_INTERVAL) {
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                _ => break,
+            }
+        }
+        publisher.publish();
+    });
+    match spawned {
+        Ok(handle) => Ok(Some((tx, handle))),
+        // As before: no statistics thread if the system cannot start one.
+        Err(SeccompError::Spawn { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 impl RunningVm {
     /// Build the VM `p` describes and start its vCPUs; `latch` receives the stop cause.
+    /// No seccomp filter (see [`RunningVm::start_filtered`]).
     pub fn start(p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
         let kvm = Kvm::new().map_err(RunError::NoKvm)?;
         Self::start_with(kvm, p, latch)
     }
 
     /// [`RunningVm::start`] on `/dev/kvm` opened already (e.g. before dropping privileges).
-    pub fn start_with(kvm: Kvm, mut p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
+    /// No seccomp filter (see [`RunningVm::start_filtered`]).
+    pub fn start_with(kvm: Kvm, p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
+        Self::start_filtered(kvm, p, latch, SeccompMode::Off)
+    }
+
+    /// [`RunningVm::start_with`], and with [`SeccompMode::On`] every thread it starts and
+    /// the calling thread get their seccomp filters before the guest runs (see
+    /// [`KvmVm::set_seccomp`]): for the `run-vm` process's main thread only.
+    pub fn start_filtered(
+        kvm: Kvm,
+        mut p: VmParams,
+        latch: Arc<StopLatch>,
+        seccomp: SeccompMode,
+    ) -> Result<Self, RunError> {
         if p.vcpus == 0 {
             return Err(RunError::ZeroVcpus);
         }
@@ -344,7 +373,8 @@ impl RunningVm {
         let config = VmConfig::new(&kvm, p.vcpus)?;
         let mut vm = KvmVm::new(&kvm, config, &mem, exit, bus.clone(), counters.clone())?;
         vm.register_irqfd(&serial_irq_kvm, COM1_IRQ)?;
-        let stats = start_stats_thread(&vm, &counters);
+        let stats = start_stats_thread(&vm, &counters, seccomp)?;
+        vm.set_seccomp(seccomp);
         if builtin {
             // The built-in guest: every vCPU enters at the ELF entry in long mode.
             vm.run(Some(boot.entry))?;

@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use super::boot;
 use super::devices::Bus;
+use super::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use crate::metrics::counters::{ExitCounters, ExitReason};
 
 /// The run state all vCPUs of a VM share.
@@ -130,6 +131,14 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// The vCPU thread's seccomp filter could not be installed.
+    #[error("vcpu {id}: {source}")]
+    Seccomp {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        source: SeccompError,
+    },
 }
 
 /// What one vCPU is set up with.
@@ -185,6 +194,8 @@ pub struct KvmVcpu {
     counters: Arc<ExitCounters>,
     /// Where this vCPU starts when `run` is given no address (the BSP's kernel entry).
     pub boot_entry: Option<u64>,
+    /// Whether `run` installs the vCPU seccomp filter on its thread first.
+    pub seccomp: SeccompMode,
 }
 
 impl KvmVcpu {
@@ -229,6 +240,7 @@ impl KvmVcpu {
             barrier,
             counters,
             boot_entry: None,
+            seccomp: SeccompMode::Off,
         })
     }
 
@@ -267,11 +279,22 @@ impl KvmVcpu {
         Ok(())
     }
 
-    /// The body of the vCPU thread: set up, meet the others at the barrier, run until the
-    /// guest stops the VM (`Some(reason)`) or the run state says Exiting (`None`).
+    /// The body of the vCPU thread: install its seccomp filter (when on), set up, meet the
+    /// others at the barrier, run until the guest stops the VM (`Some(reason)`) or the run
+    /// state says Exiting (`None`).
     pub fn run(&mut self, ip: Option<u64>) -> Option<StopReason> {
         KVM_RUN_PTR.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
-        let setup = catch_unwind(AssertUnwindSafe(|| self.setup_registers(ip)));
+        let setup = catch_unwind(AssertUnwindSafe(|| {
+            let id = self.id;
+            seccomp::apply_if(self.seccomp, ThreadKind::Vcpu)
+                .map_err(|source| VcpuError::Seccomp { id, source })?;
+            self.setup_registers(ip)
+        }));
+        // A vCPU that could not be set up (or filtered) stops the others before any of
+        // them runs the guest.
+        if !matches!(setup, Ok(Ok(()))) {
+            self.run_state.set_and_notify(VmRunState::Exiting);
+        }
         // Everyone (the starting thread included) meets here, set up or not, so a failed
         // vCPU cannot leave the others waiting.
         self.barrier.wait();
