@@ -186,6 +186,12 @@ fn common_rules(pid: u32) -> Rules {
             libc::SYS_madvise,
             libc::SYS_mremap,
             libc::SYS_futex,
+            // Spin-waits (signal-hook's registry yields while a handler runs elsewhere).
+            libc::SYS_sched_yield,
+            // The kernel's restart of a wait with a timeout a signal handler interrupted.
+            libc::SYS_restart_syscall,
+            // std's HashMap keys, drawn once per thread on first use.
+            libc::SYS_getrandom,
             libc::SYS_rt_sigreturn,
             libc::SYS_rt_sigprocmask,
             libc::SYS_sigaltstack,
