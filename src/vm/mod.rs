@@ -462,7 +462,10 @@ pub fn describe(cause: &StopCause) -> String {
 }
 
 /// The `run-vm` process: run the VM `spec` describes until the guest stops it or
-/// SIGTERM/SIGINT arrives (recorded in `latch` by the caller's signal thread).
+/// SIGTERM/SIGINT arrives (recorded in `latch` by the caller's signal thread). With
+/// [`SeccompMode::On`] the calling thread (the process's main thread: call this from it,
+/// once the signal thread has its own filter) and every thread started here run under
+/// their seccomp filters before the guest does.
 pub fn run_vm(
     spec: &VmSpec,
     latch: Arc<StopLatch>,

@@ -454,6 +454,14 @@ mod tests {
                 // SAFETY: a valid winsize for the kernel to fill.
                 unsafe { libc::syscall(libc::SYS_ioctl, 0, libc::TIOCGWINSZ, &mut ws) }
             }),
+            // getpid is allowed, but not through the 32-bit ABI (another syscall table).
+            #[cfg(target_arch = "x86_64")]
+            call("getpid by int 0x80", || {
+                let mut nr: i64 = 20; // __NR_getpid of i386
+                // SAFETY: the i386 getpid takes no arguments and touches no memory.
+                unsafe { std::arch::asm!("int 0x80", inout("rax") nr) };
+                nr
+            }),
             call("sendto with an address", || {
                 // SAFETY: an all-zero sockaddr_un is a valid value.
                 let addr = unsafe { std::mem::zeroed::<libc::sockaddr_un>() };
