@@ -46,11 +46,11 @@
 //! its BSP does `N` × `outb 0x80` before powering off. Per exit =
 //! (median wall time with `N` = 200,000 − median wall time with `N` = 0) / 200,000; 5 runs
 //! per cell (each run is ~8 µs × 200,000 = 1.6 s here), after one warm-up with `N` = 0.
-//! The four cells run interleaved, one run of each per round, so that changes in host load
+//! The six cells run interleaved, one run of each per round, so that changes in host load
 //! hit them alike. Measured twice:
 //!
 //! * under `vmm-fleet run-vm` (a process per run, wall time as in section 1 without
-//!   ptrace);
+//!   ptrace), with its seccomp filters (the default) and with `--seccomp off`;
 //! * under `examples/bare_loop.rs` (compiled into this bench with `#[path]` and called
 //!   in-process; also runnable on its own: `cargo run --release --example bare_loop --
 //!   'then=poweroff io_exits=1000000'`): the same guest and boot setup from the library
@@ -92,7 +92,7 @@ use vmm_fleet::vm::{Kernel, RunningVm, StopLatch, VmParams};
 
 use common::{
     Expect, MEMORY_MIB, Res, Sample, Stats, Table, TempDir, VMM, builtin_yaml, host_line,
-    kvm_unavailable, ms, run_checked, time_bare, time_run_vm, verdict,
+    kvm_unavailable, ms, run_checked, time_bare, time_run_vm, time_run_vm_with, verdict,
 };
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -233,7 +233,7 @@ fn section_io_exits(dir: &Path) -> Res<()> {
          poweroff}}, console off; N = 0 and N = {IO_EXITS}, {IO_RUNS} runs per cell, interleaved"
     );
     // The cells run interleaved, one run of each per round, so that a change in host
-    // load (other builds on this machine) hits all four alike.
+    // load (other builds on this machine) hits all six alike.
     let yamls = [
         builtin_yaml(dir, "io-0", 1, 0, "off")?,
         builtin_yaml(dir, &format!("io-{IO_EXITS}"), 1, IO_EXITS, "off")?,
@@ -242,17 +242,20 @@ fn section_io_exits(dir: &Path) -> Res<()> {
     time_run_vm(&yamls[0])?;
     time_bare(0)?;
     let mut fleet_ms = [Vec::new(), Vec::new()];
+    let mut open_ms = [Vec::new(), Vec::new()];
     let mut bare_ms = [Vec::new(), Vec::new()];
     for _ in 0..IO_RUNS {
         for (i, n) in [0, IO_EXITS].into_iter().enumerate() {
             fleet_ms[i].push(time_run_vm(&yamls[i])?);
+            open_ms[i].push(time_run_vm_with(&yamls[i], &["--seccomp", "off"])?);
             bare_ms[i].push(time_bare(n)?);
         }
     }
     let fleet = fleet_ms.map(|v| Stats::of(v.into_iter()));
+    let open = open_ms.map(|v| Stats::of(v.into_iter()));
     let bare = bare_ms.map(|v| Stats::of(v.into_iter()));
     let per_exit = |s: &[Stats]| (s[1].median - s[0].median) * 1e3 / IO_EXITS as f64;
-    let (pf, pb) = (per_exit(&fleet), per_exit(&bare));
+    let (pf, po, pb) = (per_exit(&fleet), per_exit(&open), per_exit(&bare));
     let mut t = Table::new(&[
         "",
         "N=0 median",
@@ -262,7 +265,8 @@ fn section_io_exits(dir: &Path) -> Res<()> {
         "per exit",
     ]);
     for (name, s, p) in [
-        ("vmm-fleet run-vm (process)", &fleet, pf),
+        ("vmm-fleet run-vm (process, seccomp on)", &fleet, pf),
+        ("vmm-fleet run-vm --seccomp off", &open, po),
         ("bare kvm-ioctls loop (in-process)", &bare, pb),
     ] {
         t.row(vec![
@@ -280,6 +284,7 @@ fn section_io_exits(dir: &Path) -> Res<()> {
         "  ratio vmm-fleet / bare per exit: {ratio:.3} (target <= {TARGET_EXIT_RATIO:.2}: {})",
         verdict(ratio <= TARGET_EXIT_RATIO)
     );
+    println!("  ratio seccomp on / off per exit: {:.3}", pf / po);
     Ok(())
 }
 

@@ -101,8 +101,13 @@ pub fn builtin_yaml(
 
 /// Wall time (ms) of one `vmm-fleet run-vm YAML`, spawn to reap; it must exit with 0.
 pub fn time_run_vm(yaml: &Path) -> Res<f64> {
+    time_run_vm_with(yaml, &[])
+}
+
+/// [`time_run_vm`] with extra `run-vm` arguments (e.g. `--seccomp off`).
+pub fn time_run_vm_with(yaml: &Path, args: &[&str]) -> Res<f64> {
     let mut cmd = Command::new(VMM);
-    cmd.arg("run-vm").arg(yaml);
+    cmd.arg("run-vm").args(args).arg(yaml);
     let s = run_checked(
         &mut cmd,
         false,

@@ -10,8 +10,8 @@
 //! Signals are pinned to the process itself: every VM child of a fleet runs under one uid,
 //! so without the pin a compromised VMM could `kill -9` its supervisor or a sibling.
 //! `kill` is allowed only with pid == our own pid and `tgkill` only with tgid == our own
-//! pid (what `pthread_kill`, hence the vCPU kick, uses); `tkill` and `pidfd_send_signal`
-//! are never allowed.
+//! pid (what `pthread_kill`, hence the vCPU kick, uses); `tkill`, `pidfd_send_signal`
+//! and the `rt_*sigqueueinfo` calls are never allowed.
 //!
 //! Order (see [`apply`]): a thread's filter covers the thread and every thread it creates
 //! afterwards, so each thread installs its own at its start, and the thread that starts
