@@ -179,6 +179,8 @@ fn a_vm_child_of_a_root_launched_up_is_jailed() {
         None => assert_eq!(groups, ""),
     }
     assert_eq!(status_line(pid, "NoNewPrivs"), "1");
+    // Its main thread runs under its seccomp filter (every thread: tests/seccomp.rs).
+    assert_eq!(status_line(pid, "Seccomp"), "2");
 
     // Its fds: stdin (the spec pipe), console and log (pipes to the supervisor's output
     // thread, which writes the files); then only what it made itself (KVM, eventfds, its

@@ -293,7 +293,9 @@ impl RunningVm {
 
     /// [`RunningVm::start_with`], and with [`SeccompMode::On`] every thread it starts and
     /// the calling thread get their seccomp filters before the guest runs (see
-    /// [`KvmVm::set_seccomp`]): for the `run-vm` process's main thread only.
+    /// [`KvmVm::set_seccomp`]). For the `run-vm` process's main thread only, after the
+    /// privilege drop and once every helper thread started before (the signal thread) has
+    /// its own filter: the calling thread keeps its filter for good.
     pub fn start_filtered(
         kvm: Kvm,
         mut p: VmParams,
@@ -462,10 +464,7 @@ pub fn describe(cause: &StopCause) -> String {
 }
 
 /// The `run-vm` process: run the VM `spec` describes until the guest stops it or
-/// SIGTERM/SIGINT arrives (recorded in `latch` by the caller's signal thread). With
-/// [`SeccompMode::On`] the calling thread (the process's main thread: call this from it,
-/// once the signal thread has its own filter) and every thread started here run under
-/// their seccomp filters before the guest does.
+/// SIGTERM/SIGINT arrives (recorded in `latch` by the caller's signal thread).
 pub fn run_vm(
     spec: &VmSpec,
     latch: Arc<StopLatch>,
