@@ -9,8 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
@@ -26,17 +25,10 @@ const REPLACED: &str = "vm victim: counter table corrupted";
 
 /// GET /metrics; the body of a 200 answer, or why not.
 fn try_scrape(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
-    let (head, body) = resp.split_once("\r\n\r\n").ok_or("no header end")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!("answer: {head}"));
+    match http_get(addr, "/metrics").map_err(|e| e.to_string())? {
+        (200, body) => Ok(body),
+        (status, _) => Err(format!("answer: {status}")),
     }
-    Ok(body.to_string())
 }
 
 fn scrape(addr: SocketAddr) -> String {

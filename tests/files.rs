@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -52,16 +52,11 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A minimal HTTP/1.0 GET of /metrics.
+/// The body of GET /metrics (empty when it cannot be had).
 fn scrape(addr: SocketAddr) -> String {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp
+    http_get(addr, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
 }
 
 fn dropped(addr: SocketAddr, vm: &str) -> Option<u64> {

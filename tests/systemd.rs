@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -89,21 +89,7 @@ fn up_with_env(dir: &Path, env: &[(&str, &str)]) -> Fleet {
 
 /// GET /metrics over HTTP/1.0; (status, body).
 fn scrape(fleet: &Fleet) -> (u16, String) {
-    let mut s = TcpStream::connect(fleet.addr()).expect("connect to /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read /metrics");
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_get(fleet.addr(), "/metrics").expect("GET /metrics")
 }
 
 /// SIGTERM, then the exit code within `limit`.
