@@ -3,7 +3,8 @@
 //! table (refused: the memfd is sealed) and write garbage over it (the supervisor lives
 //! on, /metrics answers, no `_total` series goes down, no VM exports more vCPU rows than
 //! it has); then the VM's next start replaces the table, logged once, and the counters
-//! keep growing.
+//! keep growing. A table the supervisor cannot make at all is logged, and its VM runs
+//! without one.
 
 mod common;
 
@@ -11,7 +12,9 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -234,4 +237,79 @@ fn a_child_cannot_resize_its_table_and_garbage_in_it_is_contained() {
     wait_io_out_above(&fleet, addr, "victim", after[&io_out("victim", 0)]);
     assert_eq!(fleet.count(REPLACED), 1, "{}", fleet.log());
     assert!(fleet.child.try_wait().expect("try_wait").is_none());
+}
+
+#[test]
+fn a_table_that_cannot_be_made_is_logged_and_its_vm_runs_without_one() {
+    if !kvm_available("counter_table::creation_fails") {
+        return;
+    }
+    let dir = scratch("counter-table-none");
+    vm_file(&dir, "bare", 1);
+    // memfd_create fails with EPERM in the supervisor (and in what it runs): a seccomp
+    // filter installed between fork and exec, built before the fork.
+    let deny: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        [(libc::SYS_memfd_create, vec![])].into_iter().collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        std::env::consts::ARCH.try_into().expect("a seccomp arch"),
+    )
+    .and_then(TryInto::try_into)
+    .expect("filter");
+    let mut cmd = Command::new(bin());
+    cmd.arg("up")
+        .arg(&dir)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--metrics-address")
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec only prctl(2) and seccomp(2) run, on a program made
+    // before the fork; nothing allocates or takes a lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            seccompiler::apply_filter(&deny)
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::EPERM))
+        });
+    }
+    let fleet = Fleet::from_child(cmd.spawn().expect("spawn up"));
+    let addr = fleet.addr();
+    let failed = "vm bare: cannot create its counter table (memfd_create: ";
+    assert!(
+        fleet.wait_for(LIMIT, |f| f.count(failed) >= 1
+            && f.count("vm bare: running") >= 1),
+        "{}",
+        fleet.log()
+    );
+    assert!(
+        fleet.log().contains("; it runs without exit counters"),
+        "{}",
+        fleet.log()
+    );
+    // It runs: its guest beats, /metrics reports it up, with no per-vCPU series.
+    let console = dir.join("logs/bare.console");
+    assert!(
+        wait_until(LIMIT, || read(&console).contains("heartbeat 2")),
+        "{}\n{}",
+        read(&console),
+        fleet.log()
+    );
+    let text = scrape(addr);
+    assert!(text.contains("vmm_fleet_vm_up{vm=\"bare\"} 1"), "{text}");
+    assert_eq!(vcpu_rows(&text, "bare"), Vec::<u32>::new(), "{text}");
+    // Each start tries again and says so again; a failure never stops a restart.
+    let pid = fleet.pid_of("bare");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("SIGKILL the child");
+    assert!(
+        fleet.wait_for(LIMIT, |f| f.starts("bare").len() == 2
+            && f.count(failed) >= 2),
+        "{}",
+        fleet.log()
+    );
+    assert!(
+        fleet.wait_for(LIMIT, |f| f.count("vm bare: running") >= 2),
+        "{}",
+        fleet.log()
+    );
 }
