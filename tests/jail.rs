@@ -383,53 +383,57 @@ fn sighup_to_the_supervisors_process_group_leaves_every_vm_running() {
 }
 
 #[test]
-fn a_fifo_swapped_in_for_the_kernel_fails_the_child_with_exit_5() {
+fn a_fifo_swapped_in_for_the_kernel_or_initrd_fails_the_child_with_exit_5() {
     if !kvm_available("jail::fifo_kernel") {
         return;
     }
-    let dir = scratch("fifokernel");
-    let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, b"not a kernel, but a regular file").unwrap();
-    let file = dir.join("f.yaml");
-    std::fs::write(
-        &file,
-        "name: f\nvcpus: 1\nmemory_mib: 32\nkernel: vmlinux\nconsole: off\n",
-    )
-    .unwrap();
-    // The supervisor validated this spec; then the kernel becomes a FIFO nobody writes.
-    let wire = vmm_fleet::config::VmSpec::load(&file)
-        .unwrap()
-        .to_wire()
+    for what in ["kernel", "initrd"] {
+        let dir = scratch(&format!("fifo{what}"));
+        let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initrd.img"));
+        std::fs::write(&kernel, b"not a kernel, but a regular file").unwrap();
+        std::fs::write(&initrd, b"not an initrd, but a regular file").unwrap();
+        let file = dir.join("f.yaml");
+        std::fs::write(
+            &file,
+            "name: f\nvcpus: 1\nmemory_mib: 32\nkernel: vmlinux\ninitrd: initrd.img\nconsole: off\n",
+        )
         .unwrap();
-    std::fs::remove_file(&kernel).unwrap();
-    nix::unistd::mkfifo(&kernel, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let mut child = Command::new(bin())
-        .arg("run-vm")
-        .arg("--spec-stdin")
-        .arg(&file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(wire.as_bytes())
-        .unwrap();
-    let st = wait_with_limit(&mut child, Duration::from_secs(20));
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(st.code(), Some(5), "{err}");
-    assert!(
-        err.contains(&format!(
-            "kernel {}: is a FIFO, not a regular file",
-            kernel.display()
-        )),
-        "{err}"
-    );
-    assert_eq!(err.lines().count(), 1, "{err}");
+        // The supervisor validated this spec; then the file becomes a FIFO nobody writes.
+        let wire = vmm_fleet::config::VmSpec::load(&file)
+            .unwrap()
+            .to_wire()
+            .unwrap();
+        let swapped = if what == "kernel" { &kernel } else { &initrd };
+        std::fs::remove_file(swapped).unwrap();
+        nix::unistd::mkfifo(swapped, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut child = Command::new(bin())
+            .arg("run-vm")
+            .arg("--spec-stdin")
+            .arg(&file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(wire.as_bytes())
+            .unwrap();
+        let st = wait_with_limit(&mut child, Duration::from_secs(20));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(st.code(), Some(5), "{what}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{what} {}: is a FIFO, not a regular file",
+                swapped.display()
+            )),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
 }
 
 fn validate_as(dir: &Path, uid: Option<(u32, u32)>) -> (Option<i32>, String) {
