@@ -440,3 +440,54 @@ fn reaping_and_sigterm_go_on_while_a_slow_reload_reads_the_directory() {
         "the load had finished already: this test shows nothing\n{log}"
     );
 }
+
+#[test]
+fn up_refuses_fifos_and_a_huge_file_at_once_and_writes_nothing() {
+    let dir = scratch("hostile-up");
+    vm_file(&dir, "ok", "  then: idle\n");
+    nix::unistd::mkfifo(&dir.join("x.yaml"), Mode::from_bits_truncate(0o644)).unwrap();
+    nix::unistd::mkfifo(&dir.join("vmlinux"), Mode::from_bits_truncate(0o644)).unwrap();
+    nix::unistd::mkfifo(&dir.join("initrd.img"), Mode::from_bits_truncate(0o644)).unwrap();
+    std::fs::write(
+        dir.join("k.yaml"),
+        "name: k\nvcpus: 1\nmemory_mib: 64\nkernel: vmlinux\ninitrd: initrd.img\n",
+    )
+    .unwrap();
+    let mut f = std::fs::File::create(dir.join("big.yaml")).unwrap();
+    let line = "# padding padding padding padding padding padding padding padding\n";
+    for _ in 0..(10 * MIB as usize / line.len() + 1) {
+        f.write_all(line.as_bytes()).unwrap();
+    }
+    drop(f);
+    let before = tree(&dir);
+    let d = dir.to_str().unwrap();
+    let logs = dir.join("logs");
+    let (o, took) = run(
+        &[
+            "up",
+            d,
+            "--log-dir",
+            logs.to_str().unwrap(),
+            "--metrics-address",
+            "127.0.0.1:0",
+        ],
+        Duration::from_secs(30),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for want in [
+        "x.yaml: cannot read: is a FIFO, not a regular file",
+        "big.yaml: cannot read: is ",
+        "k.yaml: kernel: ",
+        "vmlinux: is a FIFO, not a regular file",
+        "k.yaml: initrd: ",
+        "initrd.img: is a FIFO, not a regular file",
+        "nothing started",
+    ] {
+        assert!(err.contains(want), "no `{want}`:\n{err}");
+    }
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Nothing written: no log directory, no file changed or added.
+    assert_eq!(tree(&dir), before);
+    assert!(!logs.exists());
+}
