@@ -44,7 +44,8 @@ enum Command {
         /// Log directory when the settings name none.
         #[arg(long)]
         log_dir: Option<PathBuf>,
-        /// Where /metrics is served (overrides the settings; port 0 picks a free port).
+        /// Where /metrics is served (overrides the settings' metrics_address, and a change of
+        /// it at SIGHUP is then refused with a message; port 0 picks a free port).
         #[arg(long)]
         metrics_address: Option<std::net::SocketAddr>,
     },
