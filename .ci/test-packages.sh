@@ -338,6 +338,24 @@ vm_pids=$(pgrep -P "$fleet_pid" || true)
 vm_users() { for p in $vm_pids; do stat -c %U "/proc/$p"; done | sort -u; }
 check "supervisor and its VM process run as vmm-fleet, not root" \
   test "$(stat -c %U "/proc/$fleet_pid")/$(vm_users | tr '\n' ' ')" = "vmm-fleet/vmm-fleet "
+# The jail where the children share the supervisor's user (as under the unit): each VM
+# process has no_new_privs, its seccomp filter, is not dumpable (its /proc files are
+# root's), runs in its own session, and has a higher oom_score_adj than the supervisor.
+jailed() {
+  local p sup_oom sup_sid
+  sup_oom=$(cat "/proc/$fleet_pid/oom_score_adj")
+  sup_sid=$(sed 's/.*) //' "/proc/$fleet_pid/stat" | cut -d' ' -f4)
+  [ -n "$vm_pids" ] || return 1
+  for p in $vm_pids; do
+    [ "$(awk '$1 == "NoNewPrivs:" { print $2 }' "/proc/$p/status")" = 1 ] &&
+      [ "$(awk '$1 == "Seccomp:" { print $2 }' "/proc/$p/status")" = 2 ] &&
+      [ "$(stat -c %u "/proc/$p/status")" = 0 ] &&
+      [ "$(sed 's/.*) //' "/proc/$p/stat" | cut -d' ' -f4)" != "$sup_sid" ] &&
+      [ "$(cat "/proc/$p/oom_score_adj")" -gt "$sup_oom" ] || return 1
+  done
+}
+check "VM process jailed under a vmm-fleet supervisor: NoNewPrivs 1, Seccomp 2, not dumpable, own session, oom_score_adj above the supervisor's" \
+  jailed
 seen=$(pings)
 wait_for 20 bash -c "[ \"\$(grep -cx 'WATCHDOG=1' '$work/notify.log')\" -ge $((seen + 3)) ]" || true
 check "sd_notify (Type=notify): READY=1, a STATUS= line, WATCHDOG=1 keeps arriving ($(pings) so far)" \
