@@ -313,3 +313,51 @@ fn a_table_that_cannot_be_made_is_logged_and_its_vm_runs_without_one() {
         fleet.log()
     );
 }
+
+#[test]
+fn restarts_total_counts_every_restart_across_an_edit_of_a_running_vm() {
+    if !kvm_available("counter_table::restarts_across_an_edit") {
+        return;
+    }
+    let dir = scratch("counter-table-edit");
+    vm_file(&dir, "ed", 1);
+    let fleet = Fleet::up(&dir);
+    let addr = fleet.addr();
+    let restarts = |fleet: &Fleet| {
+        totals(&scrape(addr))
+            .get("vmm_fleet_vm_restarts_total{vm=\"ed\"}")
+            .copied()
+            .unwrap_or_else(|| panic!("no restarts_total for ed\n{}", fleet.log()))
+    };
+    let running = |fleet: &Fleet, n: usize| {
+        assert!(
+            fleet.wait_for(LIMIT, |f| f.starts("ed").len() == n
+                && f.count("vm ed: running") >= n),
+            "{}",
+            fleet.log()
+        );
+    };
+    running(&fleet, 1);
+    for n in 2..=3 {
+        kill(Pid::from_raw(fleet.pid_of("ed") as i32), Signal::SIGKILL).expect("SIGKILL");
+        running(&fleet, n);
+    }
+    assert_eq!(restarts(&fleet), 2.0, "{}", fleet.log());
+    // An edit of the running VM: it restarts with the new spec (one more restart)...
+    let file = dir.join("ed.yaml");
+    let text = std::fs::read_to_string(&file).expect("read VM file");
+    std::fs::write(
+        &file,
+        text.replace("heartbeat_ms: 100", "heartbeat_ms: 200"),
+    )
+    .expect("edit VM file");
+    fleet.signal(Signal::SIGHUP);
+    running(&fleet, 4);
+    assert_eq!(restarts(&fleet), 3.0, "{}", fleet.log());
+    // ...and the restarts after it count on from there, each one seen at once.
+    for n in 5..=6 {
+        kill(Pid::from_raw(fleet.pid_of("ed") as i32), Signal::SIGKILL).expect("SIGKILL");
+        running(&fleet, n);
+        assert_eq!(restarts(&fleet), (n - 1) as f64, "{}", fleet.log());
+    }
+}

@@ -552,7 +552,7 @@ impl<S: Spawner> Supervisor<S> {
             return;
         }
         if let Some(spec) = vm.replace_with.take() {
-            *vm = Vm::with_table(spec, vm.table.take());
+            *vm = vm.replaced(spec);
             self.log
                 .vm(6, name, "configuration changed; starting again");
             self.start(name, now);
