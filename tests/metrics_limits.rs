@@ -467,3 +467,88 @@ fn a_changed_metrics_address_is_refused_when_the_command_line_sets_it() {
     assert!(scrape_ok(addr));
     assert!(refused(new));
 }
+
+#[test]
+fn an_address_not_up_yet_does_not_stop_the_fleet_and_is_bound_once_up() {
+    if !kvm_available("metrics_limits::address_not_up") {
+        return;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs the fleet in a network namespace of its own: run it as root"
+    );
+    // As at boot before the network is up: the fleet runs in a network namespace of its
+    // own where the address it is told to serve on (TEST-NET-1) is not configured yet, so
+    // binding fails (EADDRNOTAVAIL) until the address is added there.
+    let dir = fleet_dir("limits-notup", "");
+    let addr: SocketAddr = "192.0.2.1:9464".parse().unwrap();
+    // (Loopback is brought up first: in a namespace whose every link is down, Linux lets
+    // any address be bound.)
+    let child = std::process::Command::new("unshare")
+        .args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$0\" \"$@\"",
+        ])
+        .arg(bin())
+        .arg("up")
+        .arg(&dir)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--metrics-address")
+        .arg(addr.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare --net vmm-fleet up");
+    let fleet = Fleet::from_child(child);
+    wait_running(&fleet, &dir);
+    assert!(
+        fleet.wait_for(Duration::from_secs(10), |f| f
+            .count(&format!("cannot listen on {addr}"))
+            >= 1),
+        "{}",
+        fleet.log()
+    );
+    let pid = fleet.child.id();
+    let st = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "ip",
+            "addr",
+            "add",
+            "192.0.2.1/32",
+            "dev",
+            "lo",
+        ])
+        .status()
+        .expect("nsenter ip addr add");
+    assert!(st.success(), "ip addr add: {st:?}");
+    assert!(
+        fleet.wait_for(Duration::from_secs(45), |f| f
+            .count(&format!("metrics on http://{addr}/metrics (after"))
+            == 1),
+        "{}",
+        fleet.log()
+    );
+    // A scrape from inside that namespace (a thread of this test joins it).
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("open its netns");
+    let served = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns(2) of this thread into the network namespace behind an open fd.
+        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        scrape_ok(addr)
+    })
+    .join()
+    .expect("scrape thread");
+    assert!(
+        served,
+        "no scrape on {addr} in the fleet's namespace\n{}",
+        fleet.log()
+    );
+    assert_eq!(fleet.count("vm a: exited"), 0, "{}", fleet.log());
+}
