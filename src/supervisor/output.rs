@@ -585,6 +585,8 @@ impl Worker {
                 }
                 vm.dropped = dropped;
                 vm.pipes += 2;
+                // Dropping is logged once per run of the VM, this new one included.
+                vm.dropping = false;
             }
             None => {
                 let vm = VmOut {
