@@ -4,9 +4,10 @@
 //! kernels and initrds must be regular files. Every file is opened with `O_NONBLOCK`
 //! and checked with `fstat` on the open descriptor, so a FIFO, a device or a socket put
 //! in their place is refused at once instead of hanging the reader (and a file swapped
-//! after the check is still the one checked). YAML is parsed with a bound on its nodes
-//! counted *after* alias expansion ([`parse_bounded`]), on top of serde_yaml's own
-//! limits (nesting depth 128; alias replays at most 100 times the document's events).
+//! after the check is still the one checked); console and log files are opened for
+//! appending the same way, never through a symlink ([`open_append_file`]). YAML is
+//! parsed with a bound on its nodes counted *after* alias expansion ([`parse_bounded`]),
+//! on top of serde_yaml's own limits (nesting depth 128; alias replays at most 100 times the document's events).
 
 use std::cell::Cell;
 use std::fmt;
@@ -39,7 +40,7 @@ fn kind(m: &Metadata) -> &'static str {
     } else if t.is_block_device() {
         "a block device"
     } else {
-        "not a regular file"
+        "a special file"
     }
 }
 
@@ -52,28 +53,81 @@ pub(super) fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// Why [`open_regular_file`] refused a path. Its message is a short reason without the
+/// path, such as `is a FIFO, not a regular file`.
+#[derive(Debug, thiserror::Error)]
+pub enum NotRegular {
+    /// Opening or `fstat` failed.
+    #[error("{}", io_reason(.0))]
+    Io(std::io::Error),
+    /// A symbolic link, where none is followed.
+    #[error("is a symbolic link; refusing to follow it")]
+    Symlink,
+    /// A directory.
+    #[error("is a directory, expected a file")]
+    Directory,
+    /// Something else that is not a regular file: what it is (`a FIFO`, `a socket` ...).
+    #[error("is {0}, not a regular file")]
+    Special(&'static str),
+    /// A "regular file" of a kernel interface file system (`/proc/kcore` as an initrd:
+    /// the host's memory in a guest).
+    #[error("is {KERNEL_INTERFACE_FILE}, not a regular file")]
+    KernelInterface,
+}
+
+/// What a kernel interface file is, for messages.
+pub const KERNEL_INTERFACE_FILE: &str = "a kernel interface (proc, sys, ...) file";
+
 /// Opens `path` for reading without blocking (`O_NONBLOCK`: a FIFO opens at once) and
-/// checks on the open descriptor that it is a regular file. The error is a short reason
-/// such as `is a FIFO, not a regular file`, without the path.
-pub fn open_regular(path: &Path) -> Result<(File, Metadata), String> {
+/// checks on the open descriptor that it is a regular file, not on a kernel interface
+/// file system. The one place every file a user names for reading is opened.
+pub fn open_regular_file(path: &Path) -> Result<(File, Metadata), NotRegular> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| io_reason(&e))?;
-    let meta = file.metadata().map_err(|e| io_reason(&e))?;
+        .map_err(NotRegular::Io)?;
+    let meta = file.metadata().map_err(NotRegular::Io)?;
+    if meta.is_dir() {
+        return Err(NotRegular::Directory);
+    }
     if !meta.is_file() {
-        return Err(match kind(&meta) {
-            "a directory" => "is a directory, expected a file".to_string(),
-            "not a regular file" => "is not a regular file".to_string(),
-            what => format!("is {what}, not a regular file"),
-        });
+        return Err(NotRegular::Special(kind(&meta)));
     }
     if is_kernel_interface(&file) {
-        // /proc/kcore as an initrd: the host's memory in a guest.
-        return Err("is a kernel interface (proc, sys, ...) file, not a regular file".to_string());
+        return Err(NotRegular::KernelInterface);
     }
     Ok((file, meta))
+}
+
+/// Opens a console or log file for appending: never through a symlink (`O_NOFOLLOW`),
+/// never anything but a regular file (a FIFO is refused without blocking), not on a
+/// kernel interface file system, mode 0640 when created.
+pub fn open_append_file(path: &Path) -> Result<File, NotRegular> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => NotRegular::Symlink,
+            _ => NotRegular::Io(e),
+        })?;
+    let meta = file.metadata().map_err(NotRegular::Io)?;
+    if !meta.is_file() {
+        return Err(NotRegular::Special(kind(&meta)));
+    }
+    if is_kernel_interface(&file) {
+        return Err(NotRegular::KernelInterface);
+    }
+    Ok(file)
+}
+
+/// [`open_regular_file`] with its error as a short reason without the path.
+pub fn open_regular(path: &Path) -> Result<(File, Metadata), String> {
+    open_regular_file(path).map_err(|e| e.to_string())
 }
 
 /// Is `dir` safe to hold console and log files: not writable by other users, unless it

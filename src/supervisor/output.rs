@@ -19,10 +19,10 @@
 //!   write it (see [`check_log_dir`]).
 
 use std::collections::HashMap;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{DirBuilder, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -35,7 +35,7 @@ use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::EventLog;
-use crate::config::files::{KERNEL_INTERFACE, check_log_dir, is_kernel_interface};
+use crate::config::files::{KERNEL_INTERFACE, NotRegular, check_log_dir, open_append_file};
 use crate::config::{ConsoleSpec, FleetSettings, VmSpec};
 
 /// Seconds of `console_rate_kib_s` a VM may write at once (its bucket's size): a Linux
@@ -165,31 +165,15 @@ fn rotated(path: &Path) -> PathBuf {
 /// Opens a console or log file for appending: never through a symlink, never anything
 /// but a regular file (a FIFO is refused without blocking), mode 0640 when created.
 pub fn open_log_file(path: &Path) -> Result<File, OutputError> {
-    let err = |reason: String| OutputError::File {
+    open_append_file(path).map_err(|e| OutputError::File {
         path: path.to_path_buf(),
-        reason,
-    };
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| {
-            err(if e.raw_os_error() == Some(libc::ELOOP) {
-                "is a symbolic link; refusing to follow it".to_string()
-            } else {
-                e.to_string()
-            })
-        })?;
-    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(err("is not a regular file".to_string()));
-    }
-    if is_kernel_interface(&file) {
-        return Err(err(KERNEL_INTERFACE.to_string()));
-    }
-    Ok(file)
+        reason: match e {
+            NotRegular::Io(io) => io.to_string(),
+            NotRegular::Symlink => e.to_string(),
+            NotRegular::KernelInterface => KERNEL_INTERFACE.to_string(),
+            NotRegular::Directory | NotRegular::Special(_) => "is not a regular file".to_string(),
+        },
+    })
 }
 
 /// One capped file.

@@ -128,52 +128,36 @@ pub struct ImageFile {
 
 impl ImageFile {
     /// Open `path` (O_NONBLOCK | O_CLOEXEC: opening a FIFO never waits for a writer),
-    /// then fstat it: a regular file only. `what` (`kernel`, `initrd`) names it in errors.
+    /// then fstat it: a regular file only, and not on a kernel interface file system
+    /// (`/proc/kcore`, opened as root before the drop, would put the host's memory into
+    /// the guest). `what` (`kernel`, `initrd`) names it in errors.
     pub fn open(what: &'static str, path: &Path) -> Result<Self, BootError> {
-        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-        let io_err = |source| match what {
-            "initrd" => BootError::InitrdFile {
-                path: path.to_path_buf(),
-                source,
-            },
-            _ => BootError::KernelFile {
-                path: path.to_path_buf(),
-                source,
-            },
-        };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-            .open(path)
-            .map_err(io_err)?;
-        let ft = file.metadata().map_err(io_err)?.file_type();
-        let kind = if ft.is_file() {
-            // /proc/kcore is a "regular file": opened as root before the drop, it
-            // would put the host's memory into the guest.
-            if crate::config::files::is_kernel_interface(&file) {
-                "a kernel interface (proc, sys, ...) file"
-            } else {
-                return Ok(ImageFile {
-                    path: path.to_path_buf(),
-                    file,
-                });
-            }
-        } else if ft.is_dir() {
-            "a directory"
-        } else if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_socket() {
-            "a socket"
-        } else if ft.is_char_device() || ft.is_block_device() {
-            "a device"
-        } else {
-            "a special file"
-        };
-        Err(BootError::NotRegular {
+        use crate::config::files::{KERNEL_INTERFACE_FILE, NotRegular, open_regular_file};
+        let path_buf = || path.to_path_buf();
+        let not_regular = |kind| BootError::NotRegular {
             what,
-            path: path.to_path_buf(),
+            path: path_buf(),
             kind,
-        })
+        };
+        match open_regular_file(path) {
+            Ok((file, _)) => Ok(ImageFile {
+                path: path_buf(),
+                file,
+            }),
+            Err(NotRegular::Io(source)) if what == "initrd" => Err(BootError::InitrdFile {
+                path: path_buf(),
+                source,
+            }),
+            Err(NotRegular::Io(source)) => Err(BootError::KernelFile {
+                path: path_buf(),
+                source,
+            }),
+            Err(NotRegular::Directory) => Err(not_regular("a directory")),
+            // Not refused when reading (the link is followed); listed for completeness.
+            Err(NotRegular::Symlink) => Err(not_regular("a symbolic link")),
+            Err(NotRegular::Special(kind)) => Err(not_regular(kind)),
+            Err(NotRegular::KernelInterface) => Err(not_regular(KERNEL_INTERFACE_FILE)),
+        }
     }
 
     /// The open file (to check, not to read from: reading moves its offset).

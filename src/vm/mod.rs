@@ -15,9 +15,7 @@ pub mod seccomp;
 pub mod stats;
 pub mod vcpu;
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -160,26 +158,17 @@ impl VmParams {
         let console: Box<dyn Write + Send> = match &spec.console {
             ConsoleSpec::Stdout => Box::new(std::io::stdout()),
             ConsoleSpec::Off => Box::new(std::io::sink()),
-            ConsoleSpec::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o640)
-                    // Never through a symlink; a FIFO is refused at open, not waited on.
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-                    .open(path)
-                    .and_then(|f| {
-                        if f.metadata()?.is_file() {
-                            Ok(f)
-                        } else {
-                            Err(std::io::Error::other("not a regular file"))
-                        }
-                    })
-                    .map_err(|source| RunError::Console {
+            ConsoleSpec::File(path) => {
+                Box::new(crate::config::files::open_append_file(path).map_err(|e| {
+                    RunError::Console {
                         path: path.clone(),
-                        source,
-                    })?,
-            ),
+                        source: match e {
+                            crate::config::files::NotRegular::Io(e) => e,
+                            other => std::io::Error::other(other.to_string()),
+                        },
+                    }
+                })?)
+            }
         };
         let (kernel, cmdline) = match &spec.kernel {
             KernelSpec::Builtin => (
