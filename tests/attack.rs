@@ -38,15 +38,8 @@ fn idle_vm(dir: &Path, name: &str) {
 }
 
 fn status_ids(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")).map(str::to_string))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    let v = status_value(pid, key).unwrap_or_else(|| panic!("no {key}: in /proc/{pid}/status"));
+    v.split_whitespace().next().unwrap_or_default().to_string()
 }
 
 /// The v1 cgroup.procs files of `pid`'s memory, pids and cpu cgroups.
@@ -306,13 +299,6 @@ fn a_world_writable_vm_directory_or_file_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = s.rsplit_once(") ").unwrap().1.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 fn last_heartbeat(console: &Path) -> u64 {
     std::fs::read_to_string(console)
         .unwrap_or_default()
@@ -370,13 +356,13 @@ fn native_speed_floods_on_the_pipes_starve_no_one() {
     let q = logs.join("q.console");
     let (beat0, cpu0, t0) = (
         last_heartbeat(&q),
-        cpu_ticks(sup),
+        cpu_ticks(sup).expect("the supervisor's /proc/PID/stat"),
         std::time::Instant::now(),
     );
     std::thread::sleep(Duration::from_secs(5));
     let (beat1, cpu1, secs) = (
         last_heartbeat(&q),
-        cpu_ticks(sup),
+        cpu_ticks(sup).expect("the supervisor's /proc/PID/stat"),
         t0.elapsed().as_secs_f64(),
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -31,16 +31,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// Tasks a VM may have beyond its vCPUs (`supervisor::cgroup::PIDS_MARGIN`).
 const PIDS_MARGIN: u64 = 32;
 
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry (PID 1 reaps late here): count only live ones.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// (mount point, mount root, fstype, options) of every cgroup mount.
 fn cgroup_mounts() -> Vec<(PathBuf, String, String, Vec<String>)> {
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -245,18 +235,6 @@ fn throttled(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU time (utime + stime, clock ticks) of process `pid`.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split(' ').collect();
-    // Fields 14 and 15 of stat; `rest` starts at field 3.
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 fn ticks_per_s() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
@@ -347,13 +325,14 @@ fn cpu_quota_holds_a_spinning_guest_near_its_share() {
         ("cpu.weight", "10000")
     };
     std::fs::write(fleet_cpu.join(file), weight).expect("set the fleet's CPU weight");
-    let (l0, f0, t0) = (cpu_ticks(limited), cpu_ticks(free), Instant::now());
+    let ticks = |pid| cpu_ticks(pid).unwrap_or(0);
+    let (l0, f0, t0) = (ticks(limited), ticks(free), Instant::now());
     let throttled0 = throttled(limited);
     // Measure over 5 s (a condition on elapsed time, not a fixed sleep before asserting).
     assert!(wait_until(Duration::from_secs(6), || t0.elapsed()
         >= Duration::from_secs(5)));
     let secs = t0.elapsed().as_secs_f64();
-    let (l1, f1) = (cpu_ticks(limited), cpu_ticks(free));
+    let (l1, f1) = (ticks(limited), ticks(free));
     let throttled = throttled(limited) - throttled0;
     let hz = ticks_per_s();
     let limited_share = (l1 - l0) as f64 / hz / secs;

@@ -22,16 +22,6 @@ fn vm_file(dir: &Path, name: &str, then: &str, restart: &str) {
     .unwrap();
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry; count only live processes.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// Processes whose command line mentions `dir` (every VM child names its file there).
 fn fleet_processes(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();

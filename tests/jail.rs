@@ -47,18 +47,6 @@ fn idle_vm(dir: &Path, name: &str, vcpus: u8) {
     .unwrap();
 }
 
-/// The state letter and every field after the command name of /proc/PID/stat.
-fn stat_fields(pid: u32) -> Vec<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    s.rsplit_once(") ")
-        .map(|(_, rest)| rest.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
-fn alive(pid: u32) -> bool {
-    stat_fields(pid).first().is_some_and(|st| st != "Z")
-}
-
 /// Field 6 of /proc/PID/stat: the session id.
 fn session_of(pid: u32) -> i64 {
     // Fields after the name start at field 3 (state): the session is index 3.
@@ -66,14 +54,7 @@ fn session_of(pid: u32) -> i64 {
 }
 
 fn status_line(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(&format!("{key}:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no {key}: in /proc/{pid}/status"))
+    status_value(pid, key).unwrap_or_else(|| panic!("no {key}: in /proc/{pid}/status"))
 }
 
 /// Where each open fd of `pid` points (readlink of /proc/PID/fd/N).

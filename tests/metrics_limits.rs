@@ -36,11 +36,9 @@ fn scrape_ok(addr: SocketAddr) -> bool {
 
 /// A field of /proc/PID/status (the number before any unit).
 fn status_field(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+    status_value(pid, key)
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}: in /proc/{pid}/status"))
 }
 
 /// A fleet directory with `fleet.yaml` = `settings` and one idle VM `a` with a heartbeat.
@@ -134,20 +132,20 @@ fn two_thousand_idle_connections_neither_starve_a_scrape_nor_add_threads() {
     let addr = fleet.addr();
     wait_running(&fleet, &dir);
     let pid = fleet.child.id();
-    let threads_before = status_field(pid, "Threads:");
+    let threads_before = status_field(pid, "Threads");
     let mut idle = Vec::with_capacity(2000);
     let mut max_threads = threads_before;
     for i in 0..2000 {
         idle.push(TcpStream::connect(addr).expect("connect"));
         if i % 100 == 0 {
-            max_threads = max_threads.max(status_field(pid, "Threads:"));
+            max_threads = max_threads.max(status_field(pid, "Threads"));
         }
     }
-    max_threads = max_threads.max(status_field(pid, "Threads:"));
+    max_threads = max_threads.max(status_field(pid, "Threads"));
     let t = Instant::now();
     let (status, body) = get(addr, "/metrics").expect("scrape with 2000 idle connections");
     let latency = t.elapsed();
-    max_threads = max_threads.max(status_field(pid, "Threads:"));
+    max_threads = max_threads.max(status_field(pid, "Threads"));
     eprintln!(
         "FIGURE idle: 2000 idle connections: scrape answered in {:.1} ms; supervisor threads {threads_before} before, at most {max_threads} during",
         latency.as_secs_f64() * 1e3
@@ -182,14 +180,14 @@ fn a_ten_second_header_flood_does_not_grow_the_supervisor() {
     wait_running(&fleet, &dir);
     assert!(scrape_ok(addr));
     let pid = fleet.child.id();
-    let rss0 = status_field(pid, "VmRSS:");
+    let rss0 = status_field(pid, "VmRSS");
     let stop = Arc::new(AtomicBool::new(false));
     let max_rss = Arc::new(AtomicU64::new(rss0));
     let sampler = {
         let (stop, max_rss) = (stop.clone(), max_rss.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                max_rss.fetch_max(status_field(pid, "VmRSS:"), Ordering::Relaxed);
+                max_rss.fetch_max(status_field(pid, "VmRSS"), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
         })

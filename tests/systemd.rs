@@ -98,14 +98,6 @@ fn stop(mut fleet: Fleet, limit: Duration) -> Option<i32> {
     wait_with_limit(&mut fleet.child, limit).code()
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry; count only live processes.
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    })
-}
-
 #[test]
 fn an_empty_vm_directory_is_a_running_fleet_of_none() {
     // No KVM needed: no VM is started.

@@ -104,15 +104,40 @@ pub fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
 
+/// The state letter and every later field of /proc/PID/stat (empty once it is gone).
+pub fn stat_fields(pid: u32) -> Vec<String> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    s.rsplit_once(") ")
+        .map(|(_, rest)| rest.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// True while process `pid` exists and is not a zombie (PID 1 reaps orphans late here:
+/// a zombie still has a /proc entry).
+pub fn alive(pid: u32) -> bool {
+    stat_fields(pid).first().is_some_and(|st| st != "Z")
+}
+
+/// CPU time (utime + stime, clock ticks) of process `pid`; None once it is gone.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    // Fields 14 and 15 of stat; `stat_fields` starts at field 3.
+    let f = stat_fields(pid);
+    let field = |i: usize| f.get(i)?.parse::<u64>().ok();
+    Some(field(11)? + field(12)?)
+}
+
+/// The value of `key:` in /proc/PID/status, trimmed; None when absent or gone.
+pub fn status_value(pid: u32, key: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| Some(l.strip_prefix(key)?.strip_prefix(':')?.trim().to_string()))
+}
+
 /// True once process `pid` has a handler for SIGTERM installed (SigCgt bit 15).
 pub fn catches_sigterm(pid: u32) -> bool {
-    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    status_value(pid, "SigCgt")
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
         .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
 }
 
