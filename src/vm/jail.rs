@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use nix::sys::prctl;
+use nix::sys::resource::Resource;
 use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::unistd::{Gid, Pid, Uid, getppid};
 
@@ -242,19 +243,8 @@ fn raise_oom_score() -> Result<(), JailError> {
     std::fs::write(PATH, OOM_SCORE_ADJ.to_string()).map_err(JailError::OomScore)
 }
 
-fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), JailError> {
-    let lim = libc::rlimit {
-        rlim_cur: value,
-        rlim_max: value,
-    };
-    // SAFETY: setrlimit reads the struct we pass and nothing else.
-    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
-        return Err(JailError::Sys {
-            what: "setrlimit",
-            source: nix::Error::last(),
-        });
-    }
-    Ok(())
+fn set_rlimit(resource: Resource, value: u64) -> Result<(), JailError> {
+    nix::sys::resource::setrlimit(resource, value, value).map_err(sys("setrlimit"))
 }
 
 /// Drop to `ids`: supplementary groups first (kvm only), then gid, then uid (after
@@ -285,8 +275,8 @@ fn drop_to(ids: Ids) -> Result<(), JailError> {
 pub fn lock_down(jail: &Jail) -> Result<(), JailError> {
     // Before the drop: once not dumpable, /proc/self belongs to root.
     raise_oom_score()?;
-    set_rlimit(libc::RLIMIT_CORE, 0)?;
-    set_rlimit(libc::RLIMIT_NOFILE, nofile_limit(jail.vcpus))?;
+    set_rlimit(Resource::RLIMIT_CORE, 0)?;
+    set_rlimit(Resource::RLIMIT_NOFILE, nofile_limit(jail.vcpus))?;
     if let Some(ids) = jail.ids {
         let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
         if threads > 1 {
