@@ -259,7 +259,7 @@ impl ExitCounters {
 
     /// A new table in a memfd named after `name`, with rows for [`MAX_VCPUS`], sealed so
     /// that its size can never change. The fd is close-on-exec; a child maps it with
-    /// [`ExitCounters::open_shared_fd`] (inherited) or [`ExitCounters::open_shared`].
+    /// [`ExitCounters::open_shared_fd`] (inherited).
     pub fn create_shared(name: &str) -> Result<(Self, OwnedFd), TableError> {
         use nix::fcntl::{FcntlArg, fcntl};
         use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -288,20 +288,6 @@ impl ExitCounters {
             },
             fd,
         ))
-    }
-
-    /// Map a table created by [`ExitCounters::create_shared`] (in the VM child), by path
-    /// (such as `/proc/self/fd/N`).
-    pub fn open_shared(path: &std::path::Path) -> Result<Self, TableError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| TableError::Sys {
-                what: "open counter table",
-                source,
-            })?;
-        Self::open_shared_fd(file.into())
     }
 
     /// Map a table created by [`ExitCounters::create_shared`] from an fd the child
@@ -578,15 +564,24 @@ mod tests {
         assert_eq!(t.get(9, ExitReason::IoOut), 0);
     }
 
+    /// `fd`'s file opened again, read-write, the way another process would.
+    fn reopen(fd: impl AsFd) -> std::fs::File {
+        let path = format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd())
+        );
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    }
+
     #[test]
     fn a_shared_table_is_seen_through_a_second_mapping_and_outlives_it() {
         let (t, fd) = ExitCounters::create_shared("test").unwrap();
-        let path = std::path::PathBuf::from(format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&fd)
-        ));
         {
-            let child = ExitCounters::open_shared(&path).unwrap();
+            let child = ExitCounters::open_shared_fd(reopen(&fd).into()).unwrap();
             child.set_vcpus(2);
             child.add(1, ExitReason::IoIn);
             child.mark_first_console(42);
@@ -596,12 +591,13 @@ mod tests {
         assert_eq!(t.get(1, ExitReason::IoIn), 1);
         assert_eq!(t.boot_ns(), (42, 0));
         // A second run adds on top: monotonic across restarts.
-        let again = ExitCounters::open_shared(&path).unwrap();
+        let again = ExitCounters::open_shared_fd(reopen(&fd).into()).unwrap();
         again.add(1, ExitReason::IoIn);
         assert_eq!(t.get(1, ExitReason::IoIn), 2);
         let junk = std::env::temp_dir().join(format!("not-a-table-{}", std::process::id()));
         std::fs::write(&junk, b"x").unwrap();
-        assert!(ExitCounters::open_shared(&junk).is_err());
+        let junk_file = std::fs::File::open(&junk).unwrap();
+        assert!(ExitCounters::open_shared_fd(junk_file.into()).is_err());
         let _ = std::fs::remove_file(junk);
     }
 
@@ -615,14 +611,8 @@ mod tests {
         let (t, fd) = ExitCounters::create_shared("seal").unwrap();
         assert!(seals_of(&fd).contains(required_seals()));
         let size = (table_words(MAX_VCPUS) * 8) as i64;
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
         // The supervisor's own fd, and the file reopened the way another process would.
-        let reopened: OwnedFd = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .into();
+        let reopened: OwnedFd = reopen(&fd).into();
         for f in [fd.as_fd(), reopened.as_fd()] {
             for len in [0, size - 8, size + 4096] {
                 assert_eq!(
@@ -698,18 +688,7 @@ mod tests {
         let mut st = SharedTable::create("check").unwrap();
         assert_eq!(st.check(), Ok(()));
         st.handing_to(2);
-        let child = ExitCounters::open_shared_fd(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(format!(
-                    "/proc/self/fd/{}",
-                    std::os::fd::AsRawFd::as_raw_fd(&st.fd())
-                ))
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
+        let child = ExitCounters::open_shared_fd(reopen(st.fd()).into()).unwrap();
         child.set_vcpus(2);
         child.add(1, ExitReason::IoOut);
         child.set_kvm_stat(0, 6, 1);

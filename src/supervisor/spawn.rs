@@ -69,11 +69,6 @@ impl ProcessSpawner {
         ProcessSpawner { exe }
     }
 
-    /// The file names a VM's console and log go to.
-    pub fn log_files(log_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        super::output::log_files(log_dir, name)
-    }
-
     fn command(&self, req: &SpawnRequest<'_>, setup: &ChildSetup) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("vmm-fleet")
