@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -765,8 +766,13 @@ impl Validator<'_> {
                         // too: another user must not plant a symlink, a FIFO or a file
                         // of theirs where the supervisor writes the guest's console.
                         Some(dir) => {
-                            let on_kernel_fs =
-                                fs::File::open(dir).is_ok_and(super::files::is_kernel_interface);
+                            // O_DIRECTORY: swapped for a FIFO since the check above,
+                            // it fails instead of waiting for a writer.
+                            let on_kernel_fs = fs::OpenOptions::new()
+                                .read(true)
+                                .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK)
+                                .open(dir)
+                                .is_ok_and(super::files::is_kernel_interface);
                             let why = if on_kernel_fs {
                                 Err(super::files::KERNEL_INTERFACE.to_string())
                             } else {
