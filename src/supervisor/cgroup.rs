@@ -903,16 +903,7 @@ mod tests {
         let vm = h.fleet_dir.join("vm-x");
         make_dir(&vm).unwrap();
         assert!(vm.join("hugetlb.2MB.max").exists());
-        let p = Placement {
-            procs: vec![CString::new(vm.join("cgroup.procs").as_os_str().as_bytes()).unwrap()],
-        };
-        let mut cmd = std::process::Command::new("sleep");
-        cmd.arg("30");
-        // SAFETY: Placement::join is async-signal-safe (open, write, close).
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || p.join());
-        }
-        let mut child = cmd.spawn().unwrap();
+        let mut child = sleep_in(&vm, 30);
         let rel = own_rel(&child.id().to_string());
         child.kill().unwrap();
         child.wait().unwrap();
@@ -920,6 +911,20 @@ mod tests {
         let mut dirs = vec![vm, h.fleet_dir];
         assert!(try_remove(&mut dirs), "{dirs:?}");
         println!("V2-HALF-DONE");
+    }
+
+    /// `sleep secs`, placed in cgroup `dir` between fork and exec as a VM child is.
+    fn sleep_in(dir: &Path, secs: u32) -> std::process::Child {
+        let p = Placement {
+            procs: vec![CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).unwrap()],
+        };
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg(secs.to_string());
+        // SAFETY: Placement::join is async-signal-safe (open, write, close).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || p.join());
+        }
+        cmd.spawn().unwrap()
     }
 
     fn spec(yaml: &str) -> VmSpec {
@@ -1069,16 +1074,7 @@ mod tests {
             .point
             .join(format!("vmm-fleet-kill-unit-{}", std::process::id()));
         make_dir(&dir).unwrap();
-        let p = Placement {
-            procs: vec![CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).unwrap()],
-        };
-        let mut cmd = std::process::Command::new("sleep");
-        cmd.arg("60");
-        // SAFETY: Placement::join is async-signal-safe (open, write, close).
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || p.join());
-        }
-        let mut child = cmd.spawn().unwrap();
+        let mut child = sleep_in(&dir, 60);
         assert_eq!(kill_members(Version::V2, std::slice::from_ref(&dir)), 1);
         let status = child.wait().unwrap();
         assert_eq!(
