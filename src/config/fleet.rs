@@ -391,44 +391,10 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
         }
     };
 
-    // Deserialize key by key so that every bad key is reported.
-    let mut raw = RawSettings::default();
-    for (k, v) in &map {
-        let Some(key) = k.as_str() else {
-            problem(
-                "",
-                format!("keys must be strings, found {}", validate::describe(k)),
-            );
-            continue;
-        };
-        let one = Value::Mapping(Mapping::from_iter([(k.clone(), v.clone())]));
-        match serde_yaml::from_value::<RawSettings>(one) {
-            Err(e) => {
-                if key == "memory_overcommit" {
-                    loaded.overcommit_invalid = true;
-                }
-                problem(key, validate::humanize(&e.to_string()));
-            }
-            Ok(r) => {
-                raw = RawSettings {
-                    log_dir: raw.log_dir.or(r.log_dir),
-                    metrics_address: raw.metrics_address.or(r.metrics_address),
-                    stop_grace_s: raw.stop_grace_s.or(r.stop_grace_s),
-                    memory_overcommit: raw.memory_overcommit.or(r.memory_overcommit),
-                    startup_settle_ms: raw.startup_settle_ms.or(r.startup_settle_ms),
-                    defaults: raw.defaults.or(r.defaults),
-                    vm_user: raw.vm_user.or(r.vm_user),
-                    console_max_mib: raw.console_max_mib.or(r.console_max_mib),
-                    console_rate_kib_s: raw.console_rate_kib_s.or(r.console_rate_kib_s),
-                    cgroup_overhead_mib: raw.cgroup_overhead_mib.or(r.cgroup_overhead_mib),
-                    seccomp: raw.seccomp.or(r.seccomp),
-                }
-            }
-        }
-    }
-
+    let raw = collect_raw(&map, &mut problem, &mut loaded.overcommit_invalid);
     let s = &mut loaded.settings;
     let base = validate::base_dir(file);
+    apply_ranges(&raw, s, &mut problem);
     if let Some(dir) = raw.log_dir {
         if dir.is_empty() {
             problem("log_dir", "must not be empty".to_string());
@@ -451,48 +417,6 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
                 ),
             ),
         }
-    }
-    let mut range = |key: &str, v: i64, r: &std::ops::RangeInclusive<u64>| -> Option<u64> {
-        match u64::try_from(v) {
-            Ok(v) if r.contains(&v) => Some(v),
-            _ => {
-                problem(
-                    key,
-                    format!("{v} is out of range, must be {}..={}", r.start(), r.end()),
-                );
-                None
-            }
-        }
-    };
-    if let Some(v) = raw
-        .stop_grace_s
-        .and_then(|v| range("stop_grace_s", v, &STOP_GRACE_S_RANGE))
-    {
-        s.stop_grace = Duration::from_secs(v);
-    }
-    if let Some(v) = raw
-        .startup_settle_ms
-        .and_then(|v| range("startup_settle_ms", v, &STARTUP_SETTLE_MS_RANGE))
-    {
-        s.startup_settle = Duration::from_millis(v);
-    }
-    if let Some(v) = raw
-        .console_max_mib
-        .and_then(|v| range("console_max_mib", v, &CONSOLE_MAX_MIB_RANGE))
-    {
-        s.console_max_mib = v;
-    }
-    if let Some(v) = raw
-        .console_rate_kib_s
-        .and_then(|v| range("console_rate_kib_s", v, &CONSOLE_RATE_KIB_S_RANGE))
-    {
-        s.console_rate_kib_s = v;
-    }
-    if let Some(v) = raw
-        .cgroup_overhead_mib
-        .and_then(|v| range("cgroup_overhead_mib", v, &CGROUP_OVERHEAD_MIB_RANGE))
-    {
-        s.cgroup_overhead_mib = v;
     }
     if let Some(b) = raw.memory_overcommit {
         s.memory_overcommit = b;
@@ -537,6 +461,102 @@ fn parse_settings(text: &str, file: &Path, loaded: &mut Loaded) {
     };
     problems.sort_by_key(position);
     loaded.problems.append(&mut problems);
+}
+
+/// The settings of `map`, deserialized key by key so that every bad key is reported
+/// (through `problem`); `overcommit_invalid` is set when `memory_overcommit` is bad.
+fn collect_raw(
+    map: &Mapping,
+    problem: &mut impl FnMut(&str, String),
+    overcommit_invalid: &mut bool,
+) -> RawSettings {
+    let mut raw = RawSettings::default();
+    for (k, v) in map {
+        let Some(key) = k.as_str() else {
+            problem(
+                "",
+                format!("keys must be strings, found {}", validate::describe(k)),
+            );
+            continue;
+        };
+        let one = Value::Mapping(Mapping::from_iter([(k.clone(), v.clone())]));
+        match serde_yaml::from_value::<RawSettings>(one) {
+            Err(e) => {
+                if key == "memory_overcommit" {
+                    *overcommit_invalid = true;
+                }
+                problem(key, validate::humanize(&e.to_string()));
+            }
+            Ok(r) => raw = raw.or(r),
+        }
+    }
+    raw
+}
+
+impl RawSettings {
+    /// Each key of `self`, else of `other`.
+    fn or(self, other: RawSettings) -> RawSettings {
+        RawSettings {
+            log_dir: self.log_dir.or(other.log_dir),
+            metrics_address: self.metrics_address.or(other.metrics_address),
+            stop_grace_s: self.stop_grace_s.or(other.stop_grace_s),
+            memory_overcommit: self.memory_overcommit.or(other.memory_overcommit),
+            startup_settle_ms: self.startup_settle_ms.or(other.startup_settle_ms),
+            defaults: self.defaults.or(other.defaults),
+            vm_user: self.vm_user.or(other.vm_user),
+            console_max_mib: self.console_max_mib.or(other.console_max_mib),
+            console_rate_kib_s: self.console_rate_kib_s.or(other.console_rate_kib_s),
+            cgroup_overhead_mib: self.cgroup_overhead_mib.or(other.cgroup_overhead_mib),
+            seccomp: self.seccomp.or(other.seccomp),
+        }
+    }
+}
+
+/// The numeric settings of `raw` that must lie in a range, into `s`; one out of range
+/// is reported through `problem` and keeps its default.
+fn apply_ranges(raw: &RawSettings, s: &mut FleetSettings, problem: &mut impl FnMut(&str, String)) {
+    let mut range = |key: &str, v: i64, r: &std::ops::RangeInclusive<u64>| -> Option<u64> {
+        match u64::try_from(v) {
+            Ok(v) if r.contains(&v) => Some(v),
+            _ => {
+                problem(
+                    key,
+                    format!("{v} is out of range, must be {}..={}", r.start(), r.end()),
+                );
+                None
+            }
+        }
+    };
+    if let Some(v) = raw
+        .stop_grace_s
+        .and_then(|v| range("stop_grace_s", v, &STOP_GRACE_S_RANGE))
+    {
+        s.stop_grace = Duration::from_secs(v);
+    }
+    if let Some(v) = raw
+        .startup_settle_ms
+        .and_then(|v| range("startup_settle_ms", v, &STARTUP_SETTLE_MS_RANGE))
+    {
+        s.startup_settle = Duration::from_millis(v);
+    }
+    if let Some(v) = raw
+        .console_max_mib
+        .and_then(|v| range("console_max_mib", v, &CONSOLE_MAX_MIB_RANGE))
+    {
+        s.console_max_mib = v;
+    }
+    if let Some(v) = raw
+        .console_rate_kib_s
+        .and_then(|v| range("console_rate_kib_s", v, &CONSOLE_RATE_KIB_S_RANGE))
+    {
+        s.console_rate_kib_s = v;
+    }
+    if let Some(v) = raw
+        .cgroup_overhead_mib
+        .and_then(|v| range("cgroup_overhead_mib", v, &CGROUP_OVERHEAD_MIB_RANGE))
+    {
+        s.cgroup_overhead_mib = v;
+    }
 }
 
 /// Resolve a written `vm_user`: an existing user; when this process is not root, only
