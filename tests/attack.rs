@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use common::fleet::Fleet;
+use common::fleet::{Fleet, up_command};
 use common::*;
 
 /// KVM present and root (VMs start as another user, in cgroups). Loud when not.
@@ -211,15 +211,7 @@ fn a_fleet_larger_than_the_soft_fd_limit_starts_every_vm() {
     for i in 0..VMS {
         idle_vm(&dir, &format!("n{i}"));
     }
-    let mut cmd = Command::new(bin());
-    cmd.arg("up")
-        .arg(&dir)
-        .arg("--log-dir")
-        .arg(dir.join("logs"))
-        .arg("--metrics-address")
-        .arg("127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = up_command(&dir);
     // SAFETY: setrlimit is async-signal-safe and touches only the struct passed.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -233,8 +225,7 @@ fn a_fleet_larger_than_the_soft_fd_limit_starts_every_vm() {
             Ok(())
         });
     }
-    let child = cmd.spawn().unwrap();
-    let fleet = Fleet::from_child(child);
+    let fleet = Fleet::spawn(cmd);
     let ok = fleet.wait_for(Duration::from_secs(60), |f| {
         f.count(": running") >= VMS || f.count("Too many open files") > 0
     });

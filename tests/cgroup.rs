@@ -8,16 +8,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use common::fleet::Fleet;
+use common::fleet::{Fleet, up_command};
 use common::*;
 
 /// The tests of this file one at a time: the CPU measurement must not compete with the
@@ -121,15 +119,7 @@ impl Drop for Delegated {
 
 /// `vmm-fleet up DIR`, in `cg` (v2) or the test's own cgroups (v1).
 fn up(dir: &Path, cg: &Delegated) -> Running {
-    let mut cmd = Command::new(bin());
-    cmd.arg("up")
-        .arg(dir)
-        .arg("--log-dir")
-        .arg(dir.join("logs"))
-        .arg("--metrics-address")
-        .arg("127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = up_command(dir);
     if let Some(d) = &cg.0 {
         let procs =
             std::ffi::CString::new(d.join("cgroup.procs").into_os_string().into_encoded_bytes())
@@ -147,16 +137,7 @@ fn up(dir: &Path, cg: &Delegated) -> Running {
             });
         }
     }
-    let mut child = cmd.spawn().expect("spawn up");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l = lines.clone();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            l.lock().unwrap().push((Instant::now(), line));
-        }
-    });
-    Running(Fleet { child, lines })
+    Running(Fleet::spawn(cmd))
 }
 
 /// A fleet that is stopped with SIGTERM when the test ends, even by a failed assertion,
@@ -447,27 +428,9 @@ fn without_a_writable_hierarchy_up_says_so_once_and_still_starts_the_vms() {
     );
     let nobody = 65534;
     nix::unistd::chown(&dir, Some(nobody.into()), Some(nobody.into())).unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.arg("up")
-        .arg(&dir)
-        .arg("--log-dir")
-        .arg(dir.join("logs"))
-        .arg("--metrics-address")
-        .arg("127.0.0.1:0")
-        .uid(nobody)
-        .gid(nobody)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn up");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l = lines.clone();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            l.lock().unwrap().push((Instant::now(), line));
-        }
-    });
-    let mut fleet = Running(Fleet { child, lines });
+    let mut cmd = up_command(&dir);
+    cmd.uid(nobody).gid(nobody);
+    let mut fleet = Running(Fleet::spawn(cmd));
     // Each VM is started (and, without /dev/kvm access, fails and is restarted): the
     // cgroup message still comes once, not per VM or per start.
     assert!(

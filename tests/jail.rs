@@ -4,18 +4,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User};
 
-use common::fleet::Fleet;
+use common::fleet::{Fleet, up_command};
 use common::*;
 
 /// True when this test may run: KVM present and root (the jail drops from root to a
@@ -300,27 +299,9 @@ fn a_leaked_fd_of_the_launching_process_does_not_reach_a_vm_child() {
 
 /// `up` in a process group of its own (the test's stays out of the SIGHUP).
 fn up_in_own_group(dir: &Path) -> Fleet {
-    let mut child = Command::new(bin())
-        .arg("up")
-        .arg(dir)
-        .arg("--log-dir")
-        .arg(dir.join("logs"))
-        .arg("--metrics-address")
-        .arg("127.0.0.1:0")
-        .process_group(0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn up");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l = lines.clone();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            l.lock().unwrap().push((std::time::Instant::now(), line));
-        }
-    });
-    Fleet { child, lines }
+    let mut cmd = up_command(dir);
+    cmd.process_group(0);
+    Fleet::spawn(cmd)
 }
 
 #[test]

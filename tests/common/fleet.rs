@@ -18,9 +18,30 @@ pub struct Fleet {
     pub lines: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
+/// `vmm-fleet up DIR --log-dir DIR/logs --metrics-address 127.0.0.1:0`, stdout to
+/// /dev/null, stderr piped: for a test to add to (a uid, a pre_exec, ...) before
+/// [`Fleet::spawn`].
+pub fn up_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("up")
+        .arg(dir)
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--metrics-address")
+        .arg("127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 impl Fleet {
     pub fn up(dir: &Path) -> Fleet {
         Self::up_with_metrics(dir, Some("127.0.0.1:0"))
+    }
+
+    /// Spawns `cmd` (normally from [`up_command`]).
+    pub fn spawn(mut cmd: Command) -> Fleet {
+        Fleet::from_child(cmd.spawn().expect("spawn up"))
     }
 
     /// `up` with `--metrics-address ADDR`, or with no such flag (the settings decide).
