@@ -509,6 +509,48 @@ fn kernel_name(k: &KernelImage<'_>) -> String {
     }
 }
 
+/// Copy the initramfs `img` to the top of RAM below 3.25 GiB (and below the kernel's
+/// `initrd_addr_max`), above the kernel (`kernel_end`). Returns (address, size).
+fn place_initrd(
+    mem: &GuestMem,
+    img: &mut ImageFile,
+    loaded: &KernelLoaderResult,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let low_end = mem.low_ram_end();
+    let path = img.path.clone();
+    let f = img.file();
+    let size = f
+        .metadata()
+        .map_err(|source| BootError::InitrdFile {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    f.seek(std::io::SeekFrom::Start(0))
+        .map_err(|source| BootError::InitrdFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let max = loaded
+        .setup_header
+        .map_or(0x7fff_ffff, |h| u64::from(h.initrd_addr_max))
+        .min(low_end.saturating_sub(1));
+    let addr = (max + 1).saturating_sub(size) & !(PAGE_SIZE - 1);
+    if size == 0 || addr < kernel_end.max(HIMEM_START) {
+        return Err(BootError::TooSmall(format!(
+            "kernel ends at {} KiB and the initramfs needs {} KiB more, but RAM below 3.25 GiB ends at {} KiB",
+            kernel_end / 1024,
+            size.div_ceil(1024),
+            low_end / 1024
+        )));
+    }
+    mem.mem
+        .read_exact_volatile_from(GuestAddress(addr), f, size as usize)
+        .map_err(|_| BootError::Write("initramfs"))?;
+    Ok((addr, size))
+}
+
 /// Load a kernel, an optional initramfs and the command line; write the zero page
 /// and the long-mode tables. Returns where the BSP starts.
 pub fn load_guest(
@@ -576,38 +618,7 @@ pub fn load_guest_opened(
 
     let initrd_placed = match initrd {
         None => None,
-        Some(img) => {
-            let path = img.path.clone();
-            let f = img.file();
-            let size = f
-                .metadata()
-                .map_err(|source| BootError::InitrdFile {
-                    path: path.to_path_buf(),
-                    source,
-                })?
-                .len();
-            f.seek(std::io::SeekFrom::Start(0))
-                .map_err(|source| BootError::InitrdFile {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            let max = loaded
-                .setup_header
-                .map_or(0x7fff_ffff, |h| u64::from(h.initrd_addr_max))
-                .min(low_end.saturating_sub(1));
-            let addr = (max + 1).saturating_sub(size) & !(PAGE_SIZE - 1);
-            if size == 0 || addr < kernel_end.max(HIMEM_START) {
-                return Err(BootError::TooSmall(format!(
-                    "kernel ends at {} KiB and the initramfs needs {} KiB more, but RAM below 3.25 GiB ends at {} KiB",
-                    kernel_end / 1024,
-                    size.div_ceil(1024),
-                    low_end / 1024
-                )));
-            }
-            m.read_exact_volatile_from(GuestAddress(addr), f, size as usize)
-                .map_err(|_| BootError::Write("initramfs"))?;
-            Some((addr, size))
-        }
+        Some(img) => Some(place_initrd(mem, img, &loaded, kernel_end)?),
     };
     if kernel_end > low_end {
         return Err(BootError::TooSmall(format!(
