@@ -589,10 +589,19 @@ impl Worker {
     /// Reads once from stream `i` and writes what the limit lets through; false when the
     /// pipe is finished (end of file or an error).
     fn read_once(&mut self, i: usize) -> bool {
-        let Some(s) = self.streams.get_mut(i) else {
+        // Borrowed field by field: the stream's VM name is looked up as it is, not
+        // copied for every chunk read.
+        let Worker {
+            streams,
+            vms,
+            log,
+            buf,
+            ..
+        } = self;
+        let Some(s) = streams.get_mut(i) else {
             return false;
         };
-        let n = match s.pipe.read(&mut self.buf) {
+        let n = match s.pipe.read(buf) {
             Ok(0) => return false,
             Ok(n) => n,
             Err(e)
@@ -605,8 +614,8 @@ impl Worker {
             }
             Err(_) => return false,
         };
-        let (name, kind) = (s.vm.clone(), s.kind);
-        let Some(vm) = self.vms.get_mut(&name) else {
+        let (name, kind) = (s.vm.as_str(), s.kind);
+        let Some(vm) = vms.get_mut(name) else {
             return false;
         };
         let ok = vm.bucket.take(n, Instant::now());
@@ -614,9 +623,9 @@ impl Worker {
             vm.dropped.fetch_add((n - ok) as u64, Ordering::Relaxed);
             if !vm.dropping {
                 vm.dropping = true;
-                self.log.vm(
+                log.vm(
                     4,
-                    &name,
+                    name,
                     "output faster than console_rate_kib_s: dropping the excess \
                      (counted in vmm_fleet_console_dropped_bytes_total)",
                 );
@@ -627,13 +636,13 @@ impl Worker {
                 Kind::Console => &mut vm.console,
                 Kind::Log => &mut vm.log,
             };
-            match sink.write(&self.buf[..ok]) {
+            match sink.write(&buf[..ok]) {
                 Ok(()) => sink.failing = false,
                 Err(e) => {
                     vm.dropped.fetch_add(ok as u64, Ordering::Relaxed);
                     if !sink.failing {
                         sink.failing = true;
-                        self.log.vm(3, &name, &format!("output dropped: {e}"));
+                        log.vm(3, name, &format!("output dropped: {e}"));
                     }
                 }
             }
