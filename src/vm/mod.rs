@@ -153,7 +153,7 @@ pub struct VmParams {
 impl VmParams {
     /// Parameters for the VM a config file describes. The console file, kernel and
     /// initrd are opened here (kernel and initrd checked to be regular files), so the
-    /// caller may drop privileges before [`RunningVm::start_with`].
+    /// caller may drop privileges before [`RunningVm::start_filtered`].
     pub fn from_spec(spec: &VmSpec) -> Result<Self, RunError> {
         let console: Box<dyn Write + Send> = match &spec.console {
             ConsoleSpec::Stdout => Box::new(std::io::stdout()),
@@ -271,18 +271,12 @@ impl RunningVm {
     /// No seccomp filter (see [`RunningVm::start_filtered`]).
     pub fn start(p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
         let kvm = Kvm::new().map_err(RunError::NoKvm)?;
-        Self::start_with(kvm, p, latch)
-    }
-
-    /// [`RunningVm::start`] on `/dev/kvm` opened already (e.g. before dropping privileges).
-    /// No seccomp filter (see [`RunningVm::start_filtered`]).
-    pub fn start_with(kvm: Kvm, p: VmParams, latch: Arc<StopLatch>) -> Result<Self, RunError> {
         Self::start_filtered(kvm, p, latch, SeccompMode::Off)
     }
 
-    /// [`RunningVm::start_with`], and with [`SeccompMode::On`] every thread it starts and
-    /// the calling thread get their seccomp filters before the guest runs (see
-    /// [`KvmVm::set_seccomp`]). For the `run-vm` process's main thread only, after the
+    /// [`RunningVm::start`] on `/dev/kvm` opened already (before dropping privileges),
+    /// and with [`SeccompMode::On`] every thread it starts and the calling thread get
+    /// their seccomp filters before the guest runs (see [`KvmVm::set_seccomp`]). For the `run-vm` process's main thread only, after the
     /// privilege drop and once every helper thread started before (the signal thread) has
     /// its own filter: the calling thread keeps its filter for good.
     pub fn start_filtered(
