@@ -8,7 +8,7 @@
 //! A shared table is written by a VM child, which may be compromised: what it holds is
 //! untrusted. The collector exports at most the VM's configured vCPUs as rows, caps each
 //! counter at one event per nanosecond of the table's life, and keeps a high-water mark
-//! per exported `_total` series ([`Mark`]): a series never goes below what it last
+//! per exported `_total` series (`Mark`): a series never goes below what it last
 //! exported, and when the supervisor replaces a corrupted table by a fresh one, what was
 //! exported becomes a per-series base, so counting continues upward from there.
 

@@ -8,7 +8,7 @@
 //! console) and stderr (its log) are pipes read by the supervisor's output thread
 //! ([`super::output`]), which writes `LOG_DIR/NAME.console` and `.log`.
 //!
-//! Between fork and exec ([`ChildSetup`]) the child gets its own session (signals to the
+//! Between fork and exec (`ChildSetup`) the child gets its own session (signals to the
 //! supervisor's process group or terminal never reach it), its counter table at fd 3
 //! and every other inherited fd but 0, 1, 2 closed at exec; it starts with an empty
 //! environment. The rest of the jail (user, rlimits, no_new_privs, not dumpable) is done
