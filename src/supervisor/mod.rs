@@ -8,6 +8,7 @@
 //! goes to the output thread ([`output`]), never through the loop.
 
 pub mod cgroup;
+pub mod machine;
 pub mod output;
 pub mod policy;
 pub mod spawn;
@@ -21,7 +22,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 
@@ -31,7 +31,8 @@ use std::time::SystemTime;
 use crate::config::{ConfigError, FleetSettings, VmSpec, load_fleet};
 use crate::metrics::counters::SharedTable;
 use crate::metrics::exporter::{FleetMetrics, VmSnapshot};
-use policy::{ChildExit, Decision, Restarter, VmState};
+use machine::{Action, Machine, Timing};
+use policy::{ChildExit, VmState};
 use spawn::{SpawnRequest, Spawner};
 
 /// Where the supervisor finds its fleet.
@@ -90,59 +91,29 @@ impl EventLog {
     }
 }
 
-/// One VM under supervision.
+/// One VM under supervision: its state machine, and what outlives its children.
 struct Vm {
-    spec: VmSpec,
-    restarter: Restarter,
-    pid: Option<u32>,
-    start_at: Option<Instant>,
-    running_at: Option<Instant>,
-    kill_at: Option<Instant>,
-    /// Stop it and forget it (its file was removed).
-    removed: bool,
-    /// Its file changed: start this spec once the old child is gone.
-    replace_with: Option<VmSpec>,
-    last_exit: Option<ChildExit>,
-    /// Its exit counters, shared with each child; they outlive the children.
+    machine: Machine,
+    /// Its exit counters, shared with each child; they outlive the children (and edits).
     table: Option<SharedTable>,
     start_unix: Option<f64>,
-    /// Restarts of earlier versions of this VM (before its file was edited).
-    restarts_base: u64,
 }
 
 impl Vm {
-    /// The same VM with an edited spec: its counter table and restart count carry over
-    /// (the restart for the edit counts as one).
-    fn replaced(&mut self, spec: VmSpec) -> Self {
-        let mut vm = Self::with_table(spec, self.table.take());
-        vm.restarts_base = self.restarts_base + self.restarter.starts();
-        vm
-    }
-
-    fn restarts(&self) -> u64 {
-        self.restarts_base + self.restarter.restarts()
-    }
-
-    fn new(spec: VmSpec, log: &EventLog) -> Self {
+    fn new(spec: VmSpec, timing: Timing, log: &EventLog) -> Self {
         let table = table::create(&spec.name, log);
-        Self::with_table(spec, table)
-    }
-
-    fn with_table(spec: VmSpec, table: Option<SharedTable>) -> Self {
         Vm {
+            machine: Machine::new(spec, timing),
             table,
             start_unix: None,
-            restarts_base: 0,
-            restarter: Restarter::new(spec.restart),
-            spec,
-            pid: None,
-            start_at: None,
-            running_at: None,
-            kill_at: None,
-            removed: false,
-            replace_with: None,
-            last_exit: None,
         }
+    }
+}
+
+fn timing(settings: &FleetSettings) -> Timing {
+    Timing {
+        stop_grace: settings.stop_grace,
+        startup_settle: settings.startup_settle,
     }
 }
 
@@ -210,10 +181,6 @@ pub const STATE_NAMES: [&str; 6] = [
     VmState::ALL[5].as_str(),
 ];
 
-fn fmt_delay(d: Duration) -> String {
-    format!("{:.1} s", d.as_secs_f64())
-}
-
 impl<S: Spawner> Supervisor<S> {
     /// A supervisor for an already validated fleet.
     pub fn new(
@@ -225,7 +192,7 @@ impl<S: Spawner> Supervisor<S> {
     ) -> Self {
         let vms = specs
             .into_iter()
-            .map(|s| (s.name.clone(), Vm::new(s, &log)))
+            .map(|s| (s.name.clone(), Vm::new(s, timing(&settings), &log)))
             .collect();
         Supervisor {
             source,
@@ -289,16 +256,13 @@ impl<S: Spawner> Supervisor<S> {
                 .iter()
                 .map(|(name, vm)| VmSnapshot {
                     name: name.clone(),
-                    up: vm.pid.is_some(),
-                    state: vm.restarter.state().as_str(),
-                    restarts: vm.restarts(),
+                    up: vm.machine.pid().is_some(),
+                    state: vm.machine.vm_state().as_str(),
+                    restarts: vm.machine.restarts(),
                     start_time: vm.start_unix,
-                    last_exit_code: vm.last_exit.map(|e| match e {
-                        ChildExit::Code(c) => i64::from(c),
-                        ChildExit::Signal(s) => 128 + i64::from(s),
-                    }),
-                    memory_bytes: vm.spec.memory_mib << 20,
-                    vcpus: u64::from(vm.spec.vcpus),
+                    last_exit_code: vm.machine.last_exit().map(|e| e.status_number()),
+                    memory_bytes: vm.machine.spec().memory_mib << 20,
+                    vcpus: u64::from(vm.machine.spec().vcpus),
                     counters: vm.table.as_ref().map(|t| t.counters().clone()),
                     console_dropped: self.output.as_ref().map(|o| o.dropped_counter(name)),
                 })
@@ -309,7 +273,7 @@ impl<S: Spawner> Supervisor<S> {
         let count = |st: &[VmState]| {
             self.vms
                 .values()
-                .filter(|v| st.contains(&v.restarter.state()))
+                .filter(|v| st.contains(&v.machine.vm_state()))
                 .count()
         };
         let status = format!(
@@ -330,10 +294,10 @@ impl<S: Spawner> Supervisor<S> {
             .iter()
             .map(|(name, vm)| VmStatus {
                 name: name.clone(),
-                state: vm.restarter.state(),
-                pid: vm.pid,
-                restarts: vm.restarts(),
-                last_exit: vm.last_exit,
+                state: vm.machine.vm_state(),
+                pid: vm.machine.pid(),
+                restarts: vm.machine.restarts(),
+                last_exit: vm.machine.last_exit(),
             })
             .collect()
     }
@@ -345,11 +309,7 @@ impl<S: Spawner> Supervisor<S> {
     /// `sender` by the loader threads this starts).
     pub fn run(&mut self, events: &Receiver<Event>, sender: &Sender<Event>) -> i32 {
         self.events = Some(sender.clone());
-        let now = Instant::now();
-        let names: Vec<String> = self.vms.keys().cloned().collect();
-        for name in names {
-            self.start(&name, now);
-        }
+        self.start_all(Instant::now());
         self.publish();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         // systemd's watchdog (WatchdogSec=) is armed once READY=1 is sent.
@@ -369,7 +329,7 @@ impl<S: Spawner> Supervisor<S> {
                 Err(RecvTimeoutError::Disconnected) => {
                     if !self.stopping {
                         self.log.line(3, "signal thread gone; stopping the fleet");
-                        self.begin_stop();
+                        self.begin_stop(Instant::now());
                     }
                     std::thread::sleep(timeout.min(Duration::from_millis(10)));
                 }
@@ -377,7 +337,7 @@ impl<S: Spawner> Supervisor<S> {
             self.reap();
             self.on_timers(Instant::now());
             self.publish();
-            if self.stopping && self.vms.values().all(|v| v.pid.is_none()) {
+            if self.all_stopped() {
                 for dir in self.cgroups.remove_all() {
                     self.log
                         .line(4, &format!("cgroup {} not removed", dir.display()));
@@ -388,11 +348,15 @@ impl<S: Spawner> Supervisor<S> {
         }
     }
 
+    /// The fleet is stopping and no child is left.
+    fn all_stopped(&self) -> bool {
+        self.stopping && self.vms.values().all(|v| v.machine.pid().is_none())
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         self.vms
             .values()
-            .flat_map(|v| [v.start_at, v.running_at, v.kill_at])
-            .flatten()
+            .filter_map(|v| v.machine.deadline())
             .chain(self.cgroups.next_deadline())
             .min()
     }
@@ -403,60 +367,75 @@ impl<S: Spawner> Supervisor<S> {
             SIGTERM | SIGINT if !self.stopping => {
                 self.log
                     .line(6, &format!("signal {sig}: stopping every VM"));
-                self.begin_stop();
+                self.begin_stop(Instant::now());
             }
             SIGHUP => self.begin_reload(),
             _ => {}
         }
     }
 
-    fn request_stop(&mut self, name: &str, now: Instant) {
-        let grace = self.settings.stop_grace;
-        let Some(vm) = self.vms.get_mut(name) else {
-            return;
-        };
-        vm.start_at = None;
-        vm.restarter.stop_requested();
-        // A stop already under way keeps its SIGKILL deadline: asking again (another
-        // reload, then the fleet's own stop) must not put it off.
-        if let (Some(pid), None) = (vm.pid, vm.kill_at) {
-            vm.kill_at = Some(now + grace);
-            if let Err(e) = self.spawner.signal(pid, Signal::SIGTERM) {
-                self.log.vm(4, name, &format!("SIGTERM to pid {pid}: {e}"));
+    /// Feed `event` to VM `name`'s machine and carry out what it asks, feeding back the
+    /// outcome of a spawn.
+    fn dispatch(&mut self, name: &str, event: machine::Event, now: Instant) {
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            let Some(vm) = self.vms.get_mut(name) else {
+                return;
+            };
+            for action in vm.machine.on_event(event, now) {
+                match action {
+                    Action::Log { prio, msg } => self.log.vm(prio, name, &msg),
+                    Action::Signal { pid, signal } => {
+                        if let Err(e) = self.spawner.signal(pid, signal) {
+                            self.log
+                                .vm(4, name, &format!("{} to pid {pid}: {e}", signal.as_str()));
+                        }
+                    }
+                    Action::Spawn => next = Some(self.spawn(name, now)),
+                    Action::Forget => {
+                        self.vms.remove(name);
+                    }
+                }
             }
-            self.log.vm(6, name, "stopping");
         }
     }
 
-    fn begin_stop(&mut self) {
-        self.stopping = true;
-        let now = Instant::now();
+    fn dispatch_all(&mut self, event: &machine::Event, now: Instant) {
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
-            self.request_stop(&name, now);
+            self.dispatch(&name, event.clone(), now);
         }
     }
 
-    fn start(&mut self, name: &str, now: Instant) {
-        if self.stopping {
-            return;
-        }
-        let settle = self.settings.startup_settle;
+    fn start_all(&mut self, now: Instant) {
+        self.dispatch_all(&machine::Event::Start, now);
+    }
+
+    fn begin_stop(&mut self, now: Instant) {
+        self.stopping = true;
+        self.dispatch_all(&machine::Event::StopAll, now);
+    }
+
+    /// Start a child for VM `name` (its machine asked for one): counter table and cgroup
+    /// prepared, then the spawner. Returns the outcome, for the machine.
+    fn spawn(&mut self, name: &str, now: Instant) -> machine::Event {
         let settings_file = self.settings.source.clone();
         let log_dir = self.settings.log_dir.clone();
         let user = self.settings.vm_user.clone();
         let limits = output::Limits::from_settings(&self.settings);
         let seccomp = self.settings.seccomp;
         let Some(vm) = self.vms.get_mut(name) else {
-            return;
+            return machine::Event::SpawnFailed {
+                error: "unknown VM".into(),
+            };
         };
-        vm.start_at = None;
-        table::prepare(name, usize::from(vm.spec.vcpus), &mut vm.table, &self.log);
+        let spec = vm.machine.spec();
+        table::prepare(name, usize::from(spec.vcpus), &mut vm.table, &self.log);
         let cgroup = self
             .cgroups
-            .prepare(&vm.spec, self.settings.cgroup_overhead_mib);
+            .prepare(spec, self.settings.cgroup_overhead_mib);
         let req = SpawnRequest {
-            spec: &vm.spec,
+            spec,
             settings: settings_file.as_deref(),
             log_dir: &log_dir,
             counters: vm.table.as_ref().map(|t| t.fd()),
@@ -471,20 +450,17 @@ impl<S: Spawner> Supervisor<S> {
         };
         match spawned {
             Ok(pid) => {
-                vm.pid = Some(pid);
                 vm.start_unix = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .ok()
                     .map(|d| d.as_secs_f64());
-                vm.restarter.started(now);
-                vm.running_at = Some(now + settle);
-                self.log.vm(6, name, &format!("starting (pid {pid})"));
+                machine::Event::Spawned { pid }
             }
             Err(e) => {
-                self.log.vm(3, name, &format!("cannot start: {e}"));
                 self.cgroups.exited(name, now);
-                vm.restarter.started(now);
-                self.after_exit(name, ChildExit::Code(5), now);
+                machine::Event::SpawnFailed {
+                    error: e.to_string(),
+                }
             }
         }
     }
@@ -502,115 +478,38 @@ impl<S: Spawner> Supervisor<S> {
                 Ok(s) => s,
             };
             let (pid, how) = match status {
-                WaitStatus::Exited(pid, code) => (pid, ChildExit::Code(code)),
+                WaitStatus::Exited(pid, code) => (pid, ChildExit::from_status(code)),
                 WaitStatus::Signaled(pid, sig, _) => (pid, ChildExit::Signal(sig as i32)),
                 _ => continue,
             };
-            let pid = pid.as_raw() as u32;
-            let name = self
-                .vms
-                .iter()
-                .find(|(_, v)| v.pid == Some(pid))
-                .map(|(n, _)| n.clone());
-            if let Some(name) = name {
-                self.on_exit(&name, how, Instant::now());
-            }
+            self.on_child_exit(pid.as_raw() as u32, how, Instant::now());
         }
     }
 
-    fn on_exit(&mut self, name: &str, how: ChildExit, now: Instant) {
-        let Some(vm) = self.vms.get_mut(name) else {
-            return;
-        };
-        vm.pid = None;
-        vm.kill_at = None;
-        vm.running_at = None;
-        vm.last_exit = Some(how);
-        if let Some(oom) = self.cgroups.exited(name, now) {
-            self.log.vm(3, name, &oom);
-        }
-        let expected = matches!(how, ChildExit::Code(0) | ChildExit::Code(6));
-        self.log.vm(
-            if expected { 6 } else { 4 },
-            name,
-            &format!("exited: {}", how.describe()),
-        );
-        if how.is_seccomp_violation() {
-            // A crash like any death by signal (restarted by policy), but say why.
-            self.log.vm(3, name, "seccomp violation (killed by SIGSYS)");
-        }
-        self.after_exit(name, how, now);
-    }
-
-    fn after_exit(&mut self, name: &str, how: ChildExit, now: Instant) {
-        let Some(vm) = self.vms.get_mut(name) else {
-            return;
-        };
-        if vm.removed {
-            self.vms.remove(name);
-            self.log.vm(6, name, "removed");
-            return;
-        }
-        if let Some(spec) = vm.replace_with.take() {
-            *vm = vm.replaced(spec);
-            self.log
-                .vm(6, name, "configuration changed; starting again");
-            self.start(name, now);
-            return;
-        }
-        match vm.restarter.exited(how, now) {
-            Decision::RestartAfter(d) if d.is_zero() => {
-                // Started by the timer pass that follows, never from here: a child that
-                // cannot even be spawned must not recurse start -> exit -> start.
-                vm.start_at = Some(now);
-                self.log.vm(6, name, "restarting now");
-            }
-            Decision::RestartAfter(d) => {
-                vm.start_at = Some(now + d);
-                self.log
-                    .vm(6, name, &format!("restarting in {}", fmt_delay(d)));
-            }
-            Decision::StayDown => self.log.vm(6, name, "stopped"),
-            Decision::Failed => {
-                let r = vm.spec.restart;
-                self.log.vm(
-                    3,
-                    name,
-                    &format!(
-                        "failed: {} starts within {} s (start limit); left down",
-                        r.start_limit_burst, r.start_limit_interval_s
-                    ),
-                );
-            }
+    /// Child `pid` was reaped: its cgroup goes (with a note if its OOM killer struck),
+    /// and its VM's machine hears of it.
+    fn on_child_exit(&mut self, pid: u32, how: ChildExit, now: Instant) {
+        let name = self
+            .vms
+            .iter()
+            .find(|(_, v)| v.machine.pid() == Some(pid))
+            .map(|(n, _)| n.clone());
+        if let Some(name) = name {
+            let oom = self.cgroups.exited(&name, now);
+            self.dispatch(&name, machine::Event::Exited { how, oom }, now);
         }
     }
 
     fn on_timers(&mut self, now: Instant) {
         self.cgroups.on_timer(now);
-        let names: Vec<String> = self.vms.keys().cloned().collect();
-        for name in names {
-            let Some(vm) = self.vms.get_mut(&name) else {
-                continue;
-            };
-            if vm.start_at.is_some_and(|t| t <= now) && vm.pid.is_none() {
-                self.start(&name, now);
-                continue;
-            }
-            if vm.running_at.is_some_and(|t| t <= now) {
-                vm.running_at = None;
-                if vm.pid.is_some() && vm.restarter.state() == VmState::Starting {
-                    vm.restarter.running();
-                    self.log.vm(6, &name, "running");
-                }
-            }
-            if let (Some(t), Some(pid)) = (vm.kill_at, vm.pid)
-                && t <= now
-            {
-                vm.kill_at = None;
-                let _ = self.spawner.signal(pid, Signal::SIGKILL);
-                self.log
-                    .vm(4, &name, "did not stop within the grace period: SIGKILL");
-            }
+        let due: Vec<String> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.machine.deadline().is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.dispatch(&name, machine::Event::Timer, now);
         }
     }
 
@@ -663,6 +562,14 @@ impl<S: Spawner> Supervisor<S> {
     /// Apply a loaded directory: start added VMs, stop removed ones, restart changed
     /// ones, leave the rest alone. A bad directory changes nothing.
     pub fn apply_reload(&mut self, loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>) {
+        self.apply_reload_at(loaded, Instant::now());
+    }
+
+    fn apply_reload_at(
+        &mut self,
+        loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>,
+        now: Instant,
+    ) {
         let loaded = loaded.and_then(|(settings, specs)| {
             // A fleet may start empty, but a reload that would stop every VM because
             // the directory lost all its files (a bad deploy, an unmounted volume) is
@@ -690,58 +597,35 @@ impl<S: Spawner> Supervisor<S> {
             f(settings.metrics_address);
         }
         self.settings = settings;
-        let now = Instant::now();
+        let timing = timing(&self.settings);
+        for vm in self.vms.values_mut() {
+            vm.machine.set_timing(timing);
+        }
         let mut new: BTreeMap<String, VmSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
         let (mut added, mut removed, mut changed) = (0, 0, 0);
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
-            match new.remove(&name) {
+            let event = match new.remove(&name) {
                 None => {
                     removed += 1;
-                    let running = self.vms.get(&name).is_some_and(|v| v.pid.is_some());
-                    if running {
-                        if let Some(vm) = self.vms.get_mut(&name) {
-                            vm.removed = true;
-                        }
-                        self.request_stop(&name, now);
-                    } else {
-                        self.vms.remove(&name);
-                        self.log.vm(6, &name, "removed");
-                    }
+                    machine::Event::Removed
                 }
                 Some(spec) => {
-                    let Some(vm) = self.vms.get_mut(&name) else {
-                        continue;
-                    };
-                    if vm.removed {
-                        // Removed, and back before its child was gone: start it again
-                        // once it is.
-                        vm.removed = false;
-                        vm.replace_with = Some(spec);
-                        changed += 1;
-                        continue;
-                    }
-                    if vm.spec == spec && vm.replace_with.is_none() {
+                    if !self.vms.get(&name).is_some_and(|v| v.machine.changed_by(&spec)) {
                         continue;
                     }
                     changed += 1;
-                    if vm.pid.is_some() {
-                        vm.replace_with = Some(spec);
-                        vm.removed = false;
-                        self.request_stop(&name, now);
-                    } else {
-                        *vm = vm.replaced(spec);
-                        self.log.vm(6, &name, "configuration changed");
-                        self.start(&name, now);
-                    }
+                    machine::Event::Reload(Box::new(spec))
                 }
-            }
+            };
+            self.dispatch(&name, event, now);
         }
         for (name, spec) in new {
             added += 1;
-            self.vms.insert(name.clone(), Vm::new(spec, &self.log));
-            self.start(&name, now);
+            self.vms
+                .insert(name.clone(), Vm::new(spec, timing, &self.log));
+            self.dispatch(&name, machine::Event::Start, now);
         }
         self.log.line(
             6,

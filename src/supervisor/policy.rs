@@ -12,21 +12,38 @@ use std::time::{Duration, Instant};
 use crate::config::{RestartPolicy, RestartSpec};
 use crate::protocol::ExitCode;
 
-/// How a child ended, as the supervisor saw it in waitpid.
+/// How a child ended, as the supervisor saw it in waitpid: typed by the protocol's
+/// [`ExitCode`] where the status is one of ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChildExit {
-    /// The process exited with this status code.
-    Code(i32),
+    /// The process exited with one of the codes of [`ExitCode`].
+    Code(ExitCode),
+    /// The process exited with a status that is not one of ours.
+    UnknownCode(i32),
     /// The process was killed by this signal number.
     Signal(i32),
 }
 
 impl ChildExit {
+    /// The exit of a process that ended with status `code` (waitpid's `WEXITSTATUS`).
+    pub fn from_status(code: i32) -> Self {
+        ExitCode::from_code(code).map_or(ChildExit::UnknownCode(code), ChildExit::Code)
+    }
+
     /// The exit code, if it is one of the codes of [`ExitCode`].
     pub fn exit_code(&self) -> Option<ExitCode> {
         match *self {
-            ChildExit::Code(c) => ExitCode::from_code(c),
-            ChildExit::Signal(_) => None,
+            ChildExit::Code(c) => Some(c),
+            ChildExit::UnknownCode(_) | ChildExit::Signal(_) => None,
+        }
+    }
+
+    /// The shell's number for this exit: the status, or 128 + the signal (a metric).
+    pub fn status_number(&self) -> i64 {
+        match *self {
+            ChildExit::Code(c) => i64::from(c.code()),
+            ChildExit::UnknownCode(c) => i64::from(c),
+            ChildExit::Signal(s) => 128 + i64::from(s),
         }
     }
 
@@ -34,12 +51,21 @@ impl ChildExit {
     /// code that is not one of ours. Power-off, guest reset and a clean stop are not.
     pub fn is_failure(&self) -> bool {
         match *self {
-            ChildExit::Signal(_) => true,
-            ChildExit::Code(c) => match ExitCode::from_code(c) {
-                Some(ExitCode::GuestPoweroff | ExitCode::GuestReset | ExitCode::Stopped) => false,
-                Some(ExitCode::GuestCrash | ExitCode::VmmError) | None => true,
+            ChildExit::Signal(_) | ChildExit::UnknownCode(_) => true,
+            ChildExit::Code(c) => match c {
+                ExitCode::GuestPoweroff | ExitCode::GuestReset | ExitCode::Stopped => false,
+                ExitCode::GuestCrash | ExitCode::VmmError => true,
             },
         }
+    }
+
+    /// Whether this is an end the VM meant (the guest powered off, or it stopped cleanly
+    /// when asked): logged as information, not as a warning.
+    pub fn is_clean_end(&self) -> bool {
+        matches!(
+            self,
+            ChildExit::Code(ExitCode::GuestPoweroff | ExitCode::Stopped)
+        )
     }
 
     /// Whether the child was killed by SIGSYS: its seccomp filter caught a system call
@@ -52,19 +78,17 @@ impl ChildExit {
     /// `"killed by signal 9 (SIGKILL)"`, `"exit code 42"`.
     pub fn describe(&self) -> String {
         match *self {
-            ChildExit::Code(c) => match ExitCode::from_code(c) {
-                Some(code) => {
-                    let what = match code {
-                        ExitCode::GuestPoweroff => "guest powered off",
-                        ExitCode::GuestReset => "guest reset",
-                        ExitCode::GuestCrash => "guest crashed",
-                        ExitCode::VmmError => "VMM error",
-                        ExitCode::Stopped => "stopped cleanly",
-                    };
-                    format!("{what} (exit code {c})")
-                }
-                None => format!("exit code {c}"),
-            },
+            ChildExit::Code(code) => {
+                let what = match code {
+                    ExitCode::GuestPoweroff => "guest powered off",
+                    ExitCode::GuestReset => "guest reset",
+                    ExitCode::GuestCrash => "guest crashed",
+                    ExitCode::VmmError => "VMM error",
+                    ExitCode::Stopped => "stopped cleanly",
+                };
+                format!("{what} (exit code {})", code.code())
+            }
+            ChildExit::UnknownCode(c) => format!("exit code {c}"),
             ChildExit::Signal(s) => match nix::sys::signal::Signal::try_from(s) {
                 Ok(sig) => format!("killed by signal {s} ({})", sig.as_str()),
                 Err(_) => format!("killed by signal {s}"),
@@ -295,7 +319,9 @@ impl Restarter {
         }
         let restart = match self.spec.policy {
             RestartPolicy::Never => false,
-            RestartPolicy::OnFailure => failure || how == ChildExit::Code(3),
+            RestartPolicy::OnFailure => {
+                failure || how == ChildExit::Code(ExitCode::GuestReset)
+            }
             RestartPolicy::Always => true,
         };
         if !restart {
@@ -387,6 +413,11 @@ mod tests {
         }
     }
 
+    /// What waitpid reports for a child that exited with status `c`.
+    fn code(c: i32) -> ChildExit {
+        ChildExit::from_status(c)
+    }
+
     fn ms(x: u64) -> Duration {
         Duration::from_millis(x)
     }
@@ -396,33 +427,34 @@ mod tests {
 
     #[test]
     fn every_policy_times_every_exit() {
-        use ChildExit::{Code, Signal};
+        use ChildExit::Signal;
+        let c = code;
         use RestartPolicy::{Always, Never, OnFailure};
         use VmState::{Backoff, Stopped};
         let down = Decision::StayDown;
         #[rustfmt::skip]
         let table: &[(RestartPolicy, ChildExit, Decision, VmState)] = &[
-            (Never,     Code(0),   down.clone(), Stopped),
-            (Never,     Code(3),   down.clone(), Stopped),
-            (Never,     Code(4),   down.clone(), Stopped),
-            (Never,     Code(5),   down.clone(), Stopped),
-            (Never,     Code(6),   down.clone(), Stopped),
-            (Never,     Code(42),  down.clone(), Stopped),
+            (Never,     c(0),   down.clone(), Stopped),
+            (Never,     c(3),   down.clone(), Stopped),
+            (Never,     c(4),   down.clone(), Stopped),
+            (Never,     c(5),   down.clone(), Stopped),
+            (Never,     c(6),   down.clone(), Stopped),
+            (Never,     c(42),  down.clone(), Stopped),
             (Never,     Signal(9), down.clone(), Stopped),
-            (OnFailure, Code(0),   down.clone(), Stopped),
-            (OnFailure, Code(3),   R0,           Backoff),
-            (OnFailure, Code(4),   R100,         Backoff),
-            (OnFailure, Code(5),   R100,         Backoff),
-            (OnFailure, Code(6),   down.clone(), Stopped),
-            (OnFailure, Code(42),  R100,         Backoff),
+            (OnFailure, c(0),   down.clone(), Stopped),
+            (OnFailure, c(3),   R0,           Backoff),
+            (OnFailure, c(4),   R100,         Backoff),
+            (OnFailure, c(5),   R100,         Backoff),
+            (OnFailure, c(6),   down.clone(), Stopped),
+            (OnFailure, c(42),  R100,         Backoff),
             (OnFailure, Signal(9), R100,         Backoff),
             (OnFailure, Signal(31), R100,        Backoff),
-            (Always,    Code(0),   R0,           Backoff),
-            (Always,    Code(3),   R0,           Backoff),
-            (Always,    Code(4),   R100,         Backoff),
-            (Always,    Code(5),   R100,         Backoff),
-            (Always,    Code(6),   R0,           Backoff),
-            (Always,    Code(42),  R100,         Backoff),
+            (Always,    c(0),   R0,           Backoff),
+            (Always,    c(3),   R0,           Backoff),
+            (Always,    c(4),   R100,         Backoff),
+            (Always,    c(5),   R100,         Backoff),
+            (Always,    c(6),   R0,           Backoff),
+            (Always,    c(42),  R100,         Backoff),
             (Always,    Signal(9), R100,         Backoff),
         ];
         let t0 = Instant::now();
@@ -441,13 +473,13 @@ mod tests {
     #[test]
     fn failure_classification() {
         for (how, failure) in [
-            (ChildExit::Code(0), false),
-            (ChildExit::Code(3), false),
-            (ChildExit::Code(6), false),
-            (ChildExit::Code(4), true),
-            (ChildExit::Code(5), true),
-            (ChildExit::Code(1), true),
-            (ChildExit::Code(-1), true),
+            (code(0), false),
+            (code(3), false),
+            (code(6), false),
+            (code(4), true),
+            (code(5), true),
+            (code(1), true),
+            (code(-1), true),
             (ChildExit::Signal(9), true),
             (ChildExit::Signal(15), true),
             (ChildExit::Signal(libc::SIGSYS), true),
@@ -464,12 +496,12 @@ mod tests {
     #[test]
     fn describe() {
         for (how, text) in [
-            (ChildExit::Code(0), "guest powered off (exit code 0)"),
-            (ChildExit::Code(3), "guest reset (exit code 3)"),
-            (ChildExit::Code(4), "guest crashed (exit code 4)"),
-            (ChildExit::Code(5), "VMM error (exit code 5)"),
-            (ChildExit::Code(6), "stopped cleanly (exit code 6)"),
-            (ChildExit::Code(42), "exit code 42"),
+            (code(0), "guest powered off (exit code 0)"),
+            (code(3), "guest reset (exit code 3)"),
+            (code(4), "guest crashed (exit code 4)"),
+            (code(5), "VMM error (exit code 5)"),
+            (code(6), "stopped cleanly (exit code 6)"),
+            (code(42), "exit code 42"),
             (ChildExit::Signal(9), "killed by signal 9 (SIGKILL)"),
             (ChildExit::Signal(11), "killed by signal 11 (SIGSEGV)"),
             (ChildExit::Signal(999), "killed by signal 999"),
@@ -496,9 +528,9 @@ mod tests {
     fn stop_requested_means_stay_down_even_under_always() {
         let t0 = Instant::now();
         for how in [
-            ChildExit::Code(0),
-            ChildExit::Code(4),
-            ChildExit::Code(6),
+            code(0),
+            code(4),
+            code(6),
             ChildExit::Signal(9),
             ChildExit::Signal(15),
         ] {
@@ -527,7 +559,7 @@ mod tests {
         r.stop_requested();
         r.started(t0 + ms(1));
         assert_eq!(r.state(), VmState::Starting);
-        assert_eq!(r.exited(ChildExit::Code(0), t0 + ms(2)), R0);
+        assert_eq!(r.exited(code(0), t0 + ms(2)), R0);
     }
 
     #[test]
@@ -535,7 +567,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Restarter::new(spec(RestartPolicy::OnFailure));
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(4), t0), R100);
+        assert_eq!(r.exited(code(4), t0), R100);
         assert_eq!(r.next_start(), Some(t0 + ms(100)));
         assert!(!r.due_at(t0 + ms(99)));
         assert!(r.due_at(t0 + ms(100)));
@@ -631,7 +663,7 @@ mod tests {
     fn stable_run_resets_backoff() {
         let t0 = Instant::now();
         let mut r = Restarter::new(spec(RestartPolicy::OnFailure));
-        let crash = ChildExit::Code(4);
+        let crash = code(4);
         r.started(t0);
         assert_eq!(r.exited(crash, t0 + ms(10)), R100);
         r.started(t0 + ms(200));
@@ -658,8 +690,8 @@ mod tests {
         s.start_limit_burst = 100;
         let mut r = Restarter::new(s);
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(4), t0 + ms(1)), R100);
-        for (i, how) in [ChildExit::Code(3), ChildExit::Code(0), ChildExit::Code(6)]
+        assert_eq!(r.exited(code(4), t0 + ms(1)), R100);
+        for (i, how) in [code(3), code(0), code(6)]
             .into_iter()
             .enumerate()
         {
@@ -670,15 +702,15 @@ mod tests {
         }
         r.started(t0 + ms(100));
         assert_eq!(
-            r.exited(ChildExit::Code(4), t0 + ms(101)),
+            r.exited(code(4), t0 + ms(101)),
             Decision::RestartAfter(ms(200))
         );
         // A stable clean run still resets the count.
         r.started(t0 + ms(1_000));
-        assert_eq!(r.exited(ChildExit::Code(3), t0 + ms(11_000)), R0);
+        assert_eq!(r.exited(code(3), t0 + ms(11_000)), R0);
         assert_eq!(r.consecutive_failures(), 0);
         r.started(t0 + ms(11_001));
-        assert_eq!(r.exited(ChildExit::Code(4), t0 + ms(11_002)), R100);
+        assert_eq!(r.exited(code(4), t0 + ms(11_002)), R100);
     }
 
     #[test]
@@ -689,7 +721,7 @@ mod tests {
         for n in 1..=5 {
             r.started(t);
             t += ms(1_000);
-            let d = r.exited(ChildExit::Code(4), t);
+            let d = r.exited(code(4), t);
             if n < 5 {
                 assert!(matches!(d, Decision::RestartAfter(_)), "start {n}: {d:?}");
                 assert_eq!(r.state(), VmState::Backoff);
@@ -704,10 +736,10 @@ mod tests {
         r.stop_requested();
         r.running();
         assert_eq!(r.state(), VmState::Failed);
-        assert_eq!(r.exited(ChildExit::Code(0), t + ms(1)), Decision::Failed);
+        assert_eq!(r.exited(code(0), t + ms(1)), Decision::Failed);
         r.started(t + ms(100_000));
         assert_eq!(
-            r.exited(ChildExit::Code(3), t + ms(200_000)),
+            r.exited(code(3), t + ms(200_000)),
             Decision::Failed
         );
         assert_eq!(r.state(), VmState::Failed);
@@ -715,7 +747,7 @@ mod tests {
         r.reset();
         assert_eq!(r.state(), VmState::Stopped);
         r.started(t + ms(300_000));
-        assert_eq!(r.exited(ChildExit::Code(4), t + ms(300_001)), R100);
+        assert_eq!(r.exited(code(4), t + ms(300_001)), R100);
     }
 
     #[test]
@@ -725,9 +757,9 @@ mod tests {
         s.start_limit_burst = 2;
         let mut r = Restarter::new(s);
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(0), t0 + ms(1)), R0);
+        assert_eq!(r.exited(code(0), t0 + ms(1)), R0);
         r.started(t0 + ms(2));
-        assert_eq!(r.exited(ChildExit::Code(0), t0 + ms(3)), Decision::Failed);
+        assert_eq!(r.exited(code(0), t0 + ms(3)), Decision::Failed);
     }
 
     #[test]
@@ -741,7 +773,7 @@ mod tests {
             r.started(t);
             t += ms(10);
             assert!(matches!(
-                r.exited(ChildExit::Code(4), t),
+                r.exited(code(4), t),
                 Decision::RestartAfter(_)
             ));
         }
@@ -750,7 +782,7 @@ mod tests {
         for i in 0..20 {
             r.started(t);
             t += ms(5_000);
-            let d = r.exited(ChildExit::Code(4), t);
+            let d = r.exited(code(4), t);
             assert!(matches!(d, Decision::RestartAfter(_)), "{i}: {d:?}");
             t += ms(15_000);
             assert!(r.recent_starts.len() <= 5);
@@ -760,18 +792,18 @@ mod tests {
         s.start_limit_burst = 2;
         let mut r = Restarter::new(s);
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(4), t0 + ms(1)), R100);
+        assert_eq!(r.exited(code(4), t0 + ms(1)), R100);
         r.started(t0 + ms(30_000));
         assert_eq!(
-            r.exited(ChildExit::Code(4), t0 + ms(60_000)),
+            r.exited(code(4), t0 + ms(60_000)),
             Decision::Failed
         );
         let mut r = Restarter::new(s);
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(4), t0 + ms(1)), R100);
+        assert_eq!(r.exited(code(4), t0 + ms(1)), R100);
         r.started(t0 + ms(30_000));
         assert!(matches!(
-            r.exited(ChildExit::Code(4), t0 + ms(60_001)),
+            r.exited(code(4), t0 + ms(60_001)),
             Decision::RestartAfter(_)
         ));
     }
@@ -784,10 +816,10 @@ mod tests {
         s.start_limit_burst = 1;
         let mut r = Restarter::new(s);
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(0), t0 + ms(60_001)), R0);
+        assert_eq!(r.exited(code(0), t0 + ms(60_001)), R0);
         r.started(t0 + ms(60_002));
         assert_eq!(
-            r.exited(ChildExit::Code(0), t0 + ms(60_003)),
+            r.exited(code(0), t0 + ms(60_003)),
             Decision::Failed
         );
     }
@@ -840,10 +872,10 @@ mod tests {
     fn odd_sequences_do_not_panic() {
         let t0 = Instant::now() + ms(100_000);
         let exits = [
-            ChildExit::Code(0),
-            ChildExit::Code(3),
-            ChildExit::Code(4),
-            ChildExit::Code(i32::MIN),
+            code(0),
+            code(3),
+            code(4),
+            code(i32::MIN),
             ChildExit::Signal(9),
             ChildExit::Signal(i32::MAX),
         ];
@@ -857,8 +889,8 @@ mod tests {
             s.backoff_multiplier = f64::NAN;
             let mut r = Restarter::new(s);
             // Exit without a start.
-            let _ = r.exited(ChildExit::Code(4), t0);
-            let _ = r.exited(ChildExit::Code(4), t0);
+            let _ = r.exited(code(4), t0);
+            let _ = r.exited(code(4), t0);
             r.reset();
             let mut r = Restarter::new(spec(policy));
             // Started twice, exit with time going backwards, running when not starting.
@@ -887,12 +919,12 @@ mod tests {
         s.start_limit_burst = 0;
         let mut r = Restarter::new(s);
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(0), t0), Decision::Failed);
+        assert_eq!(r.exited(code(0), t0), Decision::Failed);
         // ... but a stay-down exit is not a restart and is not limited.
         let mut s = spec(RestartPolicy::OnFailure);
         s.start_limit_burst = 0;
         let mut r = Restarter::new(s);
         r.started(t0);
-        assert_eq!(r.exited(ChildExit::Code(0), t0), Decision::StayDown);
+        assert_eq!(r.exited(code(0), t0), Decision::StayDown);
     }
 }
