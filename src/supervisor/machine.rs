@@ -488,3 +488,609 @@ impl Machine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Tables of (time, event) -> (actions, state), with a fake clock: `t0 + ms`.
+
+    use super::*;
+    use crate::config::RestartPolicy;
+    use std::path::Path;
+
+    const GRACE_MS: u64 = 10_000;
+    const SETTLE_MS: u64 = 500;
+
+    fn spec(name: &str, memory_mib: u64) -> VmSpec {
+        let text = format!("name: {name}\nvcpus: 1\nmemory_mib: {memory_mib}\nkernel: builtin\n");
+        VmSpec::from_yaml(&text, Path::new("/nonexistent/vm.yaml")).unwrap()
+    }
+
+    fn machine(spec: VmSpec) -> Machine {
+        Machine::new(
+            spec,
+            Timing {
+                stop_grace: Duration::from_millis(GRACE_MS),
+                startup_settle: Duration::from_millis(SETTLE_MS),
+            },
+        )
+    }
+
+    /// Actions in a short text form: `spawn`, `TERM 7`, `KILL 7`, `forget`, or the
+    /// log line as `<prio>text`.
+    fn show(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Spawn => "spawn".to_string(),
+                Action::Signal { pid, signal } => {
+                    format!("{} {pid}", signal.as_str().trim_start_matches("SIG"))
+                }
+                Action::Log { prio, msg } => format!("<{prio}>{msg}"),
+                Action::Forget => "forget".to_string(),
+            })
+            .collect()
+    }
+
+    fn code(c: ExitCode) -> Event {
+        Event::Exited {
+            how: ChildExit::Code(c),
+            oom: None,
+        }
+    }
+
+    fn signal(s: i32) -> Event {
+        Event::Exited {
+            how: ChildExit::Signal(s),
+            oom: None,
+        }
+    }
+
+    fn spawned(pid: u32) -> Event {
+        Event::Spawned { pid }
+    }
+
+    fn reload(s: VmSpec) -> Event {
+        Event::Reload(Box::new(s))
+    }
+
+    type Step<'a> = (u64, Event, &'a [&'a str], VmState);
+
+    /// Play `steps` on `m` from `t0`: each at `t0 + ms`, its actions and state checked.
+    fn play(m: &mut Machine, t0: Instant, steps: &[Step<'_>]) {
+        for (i, (at, event, want, state)) in steps.iter().enumerate() {
+            let got = show(&m.on_event(event.clone(), t0 + Duration::from_millis(*at)));
+            assert_eq!(got, *want, "step {i}: {event:?} at {at} ms");
+            assert_eq!(m.vm_state(), *state, "step {i}: {event:?} at {at} ms");
+        }
+    }
+
+    use VmState::{Backoff, Failed, Running, Starting, Stopped, Stopping};
+
+    #[test]
+    fn starts_settles_and_runs() {
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        assert_eq!(m.deadline(), None);
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (499, Event::Timer, &[], Starting),
+                (500, Event::Timer, &["<6>running"], Running),
+                (501, Event::Timer, &[], Running),
+                (600, Event::Start, &[], Running),
+            ],
+        );
+        assert_eq!(m.pid(), Some(7));
+        assert_eq!(m.deadline(), None);
+    }
+
+    #[test]
+    fn an_edited_running_vm_keeps_its_restart_count_and_last_exit() {
+        // The bug of issue 9: restarts_total went from 2 back to 0 at an edit.
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        let edited = spec("a", 32);
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (500, Event::Timer, &["<6>running"], Running),
+                (
+                    1000,
+                    signal(9),
+                    &[
+                        "<4>exited: killed by signal 9 (SIGKILL)",
+                        "<6>restarting in 0.1 s",
+                    ],
+                    Backoff,
+                ),
+                (1100, Event::Timer, &["spawn"], Starting),
+                (1100, spawned(8), &["<6>starting (pid 8)"], Starting),
+                (
+                    1200,
+                    signal(9),
+                    &[
+                        "<4>exited: killed by signal 9 (SIGKILL)",
+                        "<6>restarting in 0.2 s",
+                    ],
+                    Backoff,
+                ),
+                (1400, Event::Timer, &["spawn"], Starting),
+                (1400, spawned(9), &["<6>starting (pid 9)"], Starting),
+                (1900, Event::Timer, &["<6>running"], Running),
+            ],
+        );
+        assert_eq!(m.restarts(), 2);
+        assert!(!m.changed_by(&spec("a", 16)));
+        assert!(m.changed_by(&edited));
+        play(
+            &mut m,
+            t0,
+            &[
+                (
+                    2000,
+                    reload(edited.clone()),
+                    &["TERM 9", "<6>stopping"],
+                    Stopping,
+                ),
+                (
+                    2100,
+                    code(ExitCode::Stopped),
+                    &[
+                        "<6>exited: stopped cleanly (exit code 6)",
+                        "<6>configuration changed; starting again",
+                        "spawn",
+                    ],
+                    Starting,
+                ),
+                (2100, spawned(10), &["<6>starting (pid 10)"], Starting),
+            ],
+        );
+        assert_eq!(m.spec(), &edited);
+        assert_eq!(
+            m.restarts(),
+            2,
+            "an edit is not a restart and resets nothing"
+        );
+        assert_eq!(m.last_exit(), Some(ChildExit::Code(ExitCode::Stopped)));
+        // The backoff starts afresh for the new spec (100 ms again, not 400 ms).
+        play(
+            &mut m,
+            t0,
+            &[
+                (
+                    2200,
+                    code(ExitCode::GuestCrash),
+                    &[
+                        "<4>exited: guest crashed (exit code 4)",
+                        "<6>restarting in 0.1 s",
+                    ],
+                    Backoff,
+                ),
+                (2300, Event::Timer, &["spawn"], Starting),
+            ],
+        );
+        assert_eq!(m.restarts(), 3);
+        assert_eq!(m.last_exit(), Some(ChildExit::Code(ExitCode::GuestCrash)));
+    }
+
+    #[test]
+    fn an_edit_in_backoff_starts_the_new_spec_at_once_and_keeps_the_count() {
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (
+                    10,
+                    signal(11),
+                    &[
+                        "<4>exited: killed by signal 11 (SIGSEGV)",
+                        "<6>restarting in 0.1 s",
+                    ],
+                    Backoff,
+                ),
+                (110, Event::Timer, &["spawn"], Starting),
+                (110, spawned(8), &["<6>starting (pid 8)"], Starting),
+                (
+                    120,
+                    signal(11),
+                    &[
+                        "<4>exited: killed by signal 11 (SIGSEGV)",
+                        "<6>restarting in 0.2 s",
+                    ],
+                    Backoff,
+                ),
+                (
+                    130,
+                    reload(spec("a", 32)),
+                    &["<6>configuration changed", "spawn"],
+                    Starting,
+                ),
+            ],
+        );
+        assert_eq!(m.restarts(), 1);
+        assert_eq!(m.last_exit(), Some(ChildExit::Signal(11)));
+    }
+
+    #[test]
+    fn reload_during_a_stop_keeps_the_kill_deadline_and_takes_the_latest_spec() {
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        let (b, c) = (spec("a", 32), spec("a", 48));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (100, reload(b.clone()), &["TERM 7", "<6>stopping"], Stopping),
+            ],
+        );
+        let kill_at = m.deadline();
+        assert_eq!(kill_at, Some(t0 + Duration::from_millis(100 + GRACE_MS)));
+        assert!(!m.changed_by(&b), "the pending spec is what it will run");
+        assert!(m.changed_by(&c));
+        play(
+            &mut m,
+            t0,
+            &[
+                (5000, reload(b), &[], Stopping),
+                (6000, reload(c.clone()), &[], Stopping),
+                (6000, Event::Removed, &[], Stopping),
+                (7000, reload(c.clone()), &[], Stopping),
+            ],
+        );
+        assert_eq!(m.deadline(), kill_at, "asking again never puts SIGKILL off");
+        play(
+            &mut m,
+            t0,
+            &[(
+                8000,
+                code(ExitCode::Stopped),
+                &[
+                    "<6>exited: stopped cleanly (exit code 6)",
+                    "<6>configuration changed; starting again",
+                    "spawn",
+                ],
+                Starting,
+            )],
+        );
+        assert_eq!(m.spec(), &c);
+    }
+
+    #[test]
+    fn grace_period_expiry_sends_sigkill_once() {
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (500, Event::Timer, &["<6>running"], Running),
+                (1000, Event::StopAll, &["TERM 7", "<6>stopping"], Stopping),
+                (1000 + GRACE_MS - 1, Event::Timer, &[], Stopping),
+                (
+                    1000 + GRACE_MS,
+                    Event::Timer,
+                    &["KILL 7", "<4>did not stop within the grace period: SIGKILL"],
+                    Stopping,
+                ),
+                (1000 + GRACE_MS + 1, Event::Timer, &[], Stopping),
+                (1000 + GRACE_MS + 2, Event::StopAll, &[], Stopping),
+                (
+                    1000 + GRACE_MS + 3,
+                    signal(9),
+                    &["<4>exited: killed by signal 9 (SIGKILL)", "<6>stopped"],
+                    Stopped,
+                ),
+                (1000 + GRACE_MS + 4, Event::Start, &[], Stopped),
+            ],
+        );
+        assert_eq!(m.deadline(), None);
+        assert_eq!(m.pid(), None);
+    }
+
+    #[test]
+    fn spawn_failure_backs_off_like_a_vmm_error() {
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        let failed = || Event::SpawnFailed {
+            error: "no such file".into(),
+        };
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (
+                    0,
+                    failed(),
+                    &["<3>cannot start: no such file", "<6>restarting in 0.1 s"],
+                    Backoff,
+                ),
+                (99, Event::Timer, &[], Backoff),
+                (100, Event::Timer, &["spawn"], Starting),
+                (
+                    100,
+                    failed(),
+                    &["<3>cannot start: no such file", "<6>restarting in 0.2 s"],
+                    Backoff,
+                ),
+                (300, Event::Timer, &["spawn"], Starting),
+                (300, spawned(7), &["<6>starting (pid 7)"], Starting),
+            ],
+        );
+        assert_eq!(m.last_exit(), None, "no child ever exited");
+        assert_eq!(m.restarts(), 2);
+        // Under `never`, a failed spawn stays down.
+        let mut s = spec("b", 16);
+        s.restart.policy = RestartPolicy::Never;
+        let mut m = machine(s);
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (
+                    0,
+                    failed(),
+                    &["<3>cannot start: no such file", "<6>stopped"],
+                    Stopped,
+                ),
+            ],
+        );
+        // An answer nobody asked for: the child is killed, the state does not change.
+        assert_eq!(show(&m.on_event(spawned(9), t0)), ["KILL 9"]);
+        assert_eq!(show(&m.on_event(failed(), t0)), Vec::<String>::new());
+        assert_eq!(m.vm_state(), Stopped);
+    }
+
+    #[test]
+    fn crash_loop_backoff_timings_then_start_limit_then_edit_clears_it() {
+        let t0 = Instant::now();
+        let mut s = spec("a", 16);
+        s.restart.start_limit_burst = 5;
+        let mut m = machine(s);
+        assert_eq!(show(&m.on_event(Event::Start, t0)), ["spawn"]);
+        let mut t = 0;
+        let mut delays = Vec::new();
+        for pid in 1..=5 {
+            let at = t0 + Duration::from_millis(t);
+            m.on_event(spawned(pid), at);
+            t += 10;
+            let got = show(&m.on_event(signal(9), t0 + Duration::from_millis(t)));
+            assert_eq!(got[0], "<4>exited: killed by signal 9 (SIGKILL)");
+            if pid == 5 {
+                assert_eq!(
+                    got[1..],
+                    ["<3>failed: 5 starts within 60 s (start limit); left down"]
+                );
+                break;
+            }
+            let until = m.deadline().expect("a backoff deadline");
+            let d = until - (t0 + Duration::from_millis(t));
+            delays.push(d.as_millis());
+            assert_eq!(got[1], format!("<6>restarting in {}", fmt_delay(d)));
+            // Not a moment early.
+            assert!(show(&m.on_event(Event::Timer, until - Duration::from_millis(1))).is_empty());
+            t = (until - t0).as_millis() as u64;
+            assert_eq!(show(&m.on_event(Event::Timer, until)), ["spawn"]);
+        }
+        assert_eq!(delays, [100, 200, 400, 800]);
+        assert_eq!(m.vm_state(), Failed);
+        assert_eq!(m.restarts(), 4);
+        assert_eq!(m.deadline(), None);
+        let later = t0 + Duration::from_secs(3600);
+        assert!(show(&m.on_event(Event::Timer, later)).is_empty());
+        assert!(show(&m.on_event(Event::Start, later)).is_empty());
+        // The same file again changes nothing; an edited one starts afresh.
+        assert!(show(&m.on_event(reload(m.spec().clone()), later)).is_empty());
+        assert_eq!(m.vm_state(), Failed);
+        assert_eq!(
+            show(&m.on_event(reload(spec("a", 32)), later)),
+            ["<6>configuration changed", "spawn"]
+        );
+        m.on_event(spawned(6), later);
+        assert_eq!(
+            show(&m.on_event(signal(9), later)),
+            [
+                "<4>exited: killed by signal 9 (SIGKILL)",
+                "<6>restarting in 0.1 s"
+            ]
+        );
+        assert_eq!(m.restarts(), 4);
+    }
+
+    #[test]
+    fn a_removed_vm_is_stopped_then_forgotten_unless_re_added() {
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (10, Event::Removed, &["TERM 7", "<6>stopping"], Stopping),
+                (
+                    20,
+                    code(ExitCode::Stopped),
+                    &[
+                        "<6>exited: stopped cleanly (exit code 6)",
+                        "<6>removed",
+                        "forget",
+                    ],
+                    Stopped,
+                ),
+            ],
+        );
+        // Removed, then back (same file) before its child is gone: it starts again.
+        let mut m = machine(spec("a", 16));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (10, Event::Removed, &["TERM 7", "<6>stopping"], Stopping),
+                (15, reload(spec("a", 16)), &[], Stopping),
+                (
+                    20,
+                    code(ExitCode::Stopped),
+                    &[
+                        "<6>exited: stopped cleanly (exit code 6)",
+                        "<6>configuration changed; starting again",
+                        "spawn",
+                    ],
+                    Starting,
+                ),
+            ],
+        );
+        // Removed with no child (in backoff): forgotten at once.
+        let mut m = machine(spec("a", 16));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (
+                    10,
+                    signal(9),
+                    &[
+                        "<4>exited: killed by signal 9 (SIGKILL)",
+                        "<6>restarting in 0.1 s",
+                    ],
+                    Backoff,
+                ),
+                (20, Event::Removed, &["<6>removed", "forget"], Stopped),
+            ],
+        );
+    }
+
+    #[test]
+    fn stop_all_in_backoff_cancels_the_restart_for_good() {
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (
+                    10,
+                    signal(9),
+                    &[
+                        "<4>exited: killed by signal 9 (SIGKILL)",
+                        "<6>restarting in 0.1 s",
+                    ],
+                    Backoff,
+                ),
+                (50, Event::StopAll, &[], Stopped),
+                (110, Event::Timer, &[], Stopped),
+                (120, Event::Start, &[], Stopped),
+                (130, reload(spec("a", 32)), &[], Stopped),
+            ],
+        );
+        assert_eq!(m.deadline(), None);
+        // A stop-all during an edit's stop: the edit is dropped, it stays down.
+        let mut m = machine(spec("a", 16));
+        play(
+            &mut m,
+            t0,
+            &[
+                (0, Event::Start, &["spawn"], Starting),
+                (0, spawned(7), &["<6>starting (pid 7)"], Starting),
+                (
+                    10,
+                    reload(spec("a", 32)),
+                    &["TERM 7", "<6>stopping"],
+                    Stopping,
+                ),
+                (20, Event::StopAll, &[], Stopping),
+                (
+                    30,
+                    code(ExitCode::Stopped),
+                    &["<6>exited: stopped cleanly (exit code 6)", "<6>stopped"],
+                    Stopped,
+                ),
+            ],
+        );
+    }
+
+    /// Policy, exit, cgroup OOM note, log lines, state after.
+    type ExitRow<'a> = (
+        RestartPolicy,
+        ChildExit,
+        Option<&'a str>,
+        &'a [&'a str],
+        VmState,
+    );
+
+    #[test]
+    fn exits_are_typed_and_logged_by_kind() {
+        let t0 = Instant::now();
+        let seccomp = [
+            "<4>exited: killed by signal 31 (SIGSYS)",
+            "<3>seccomp violation (killed by SIGSYS)",
+            "<6>restarting in 0.1 s",
+        ];
+        let oom = [
+            "<3>out of memory: killed by its cgroup's OOM killer",
+            "<4>exited: killed by signal 9 (SIGKILL)",
+            "<6>restarting in 0.1 s",
+        ];
+        #[rustfmt::skip]
+        let table: &[ExitRow<'_>] = &[
+            (RestartPolicy::OnFailure, ChildExit::Code(ExitCode::GuestPoweroff), None,
+                &["<6>exited: guest powered off (exit code 0)", "<6>stopped"], Stopped),
+            (RestartPolicy::OnFailure, ChildExit::Code(ExitCode::GuestReset), None,
+                &["<4>exited: guest reset (exit code 3)", "<6>restarting now"], Backoff),
+            (RestartPolicy::OnFailure, ChildExit::Code(ExitCode::VmmError), None,
+                &["<4>exited: VMM error (exit code 5)", "<6>restarting in 0.1 s"], Backoff),
+            (RestartPolicy::Always, ChildExit::Code(ExitCode::Stopped), None,
+                &["<6>exited: stopped cleanly (exit code 6)", "<6>restarting now"], Backoff),
+            (RestartPolicy::OnFailure, ChildExit::UnknownCode(42), None,
+                &["<4>exited: exit code 42", "<6>restarting in 0.1 s"], Backoff),
+            (RestartPolicy::Never, ChildExit::UnknownCode(1), None,
+                &["<4>exited: exit code 1", "<6>stopped"], Stopped),
+            (RestartPolicy::OnFailure, ChildExit::Signal(libc::SIGSYS), None, &seccomp, Backoff),
+            (RestartPolicy::OnFailure, ChildExit::Signal(9),
+                Some("out of memory: killed by its cgroup's OOM killer"), &oom, Backoff),
+        ];
+        for (policy, how, oom, want, state) in table {
+            let mut s = spec("a", 16);
+            s.restart.policy = *policy;
+            let mut m = machine(s);
+            m.on_event(Event::Start, t0);
+            m.on_event(spawned(7), t0);
+            let ev = Event::Exited {
+                how: *how,
+                oom: oom.map(str::to_string),
+            };
+            assert_eq!(show(&m.on_event(ev, t0)), *want, "{policy} {how:?}");
+            assert_eq!(m.vm_state(), *state, "{policy} {how:?}");
+            assert_eq!(m.last_exit(), Some(*how));
+            // A restart "now" still goes through the timer pass, never straight to spawn.
+            if *state == Backoff {
+                assert!(m.deadline().is_some());
+            }
+        }
+        // An exit without a child (a stale pid) changes nothing.
+        let mut m = machine(spec("a", 16));
+        assert!(show(&m.on_event(signal(9), t0)).is_empty());
+        assert_eq!(m.vm_state(), Stopped);
+    }
+}

@@ -15,6 +15,9 @@ pub mod spawn;
 mod table;
 pub mod watchdog;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -64,12 +67,17 @@ impl FleetSource {
 /// (which journald understands) otherwise.
 pub struct EventLog {
     tty: bool,
+    /// Tests: every line goes here (as in a terminal, without the prefix) instead.
+    #[cfg(test)]
+    captured: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
 }
 
 impl Default for EventLog {
     fn default() -> Self {
         EventLog {
             tty: std::io::stderr().is_terminal(),
+            #[cfg(test)]
+            captured: None,
         }
     }
 }
@@ -77,6 +85,13 @@ impl Default for EventLog {
 impl EventLog {
     /// Log `msg` at syslog priority `prio` (3 error, 4 warning, 6 info).
     pub fn line(&self, prio: u8, msg: &str) {
+        #[cfg(test)]
+        if let Some(c) = &self.captured {
+            c.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(msg.to_string());
+            return;
+        }
         let mut err = std::io::stderr().lock();
         let _ = if self.tty {
             writeln!(err, "vmm-fleet: {msg}")
@@ -612,7 +627,11 @@ impl<S: Spawner> Supervisor<S> {
                     machine::Event::Removed
                 }
                 Some(spec) => {
-                    if !self.vms.get(&name).is_some_and(|v| v.machine.changed_by(&spec)) {
+                    if !self
+                        .vms
+                        .get(&name)
+                        .is_some_and(|v| v.machine.changed_by(&spec))
+                    {
                         continue;
                     }
                     changed += 1;

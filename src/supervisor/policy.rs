@@ -319,9 +319,7 @@ impl Restarter {
         }
         let restart = match self.spec.policy {
             RestartPolicy::Never => false,
-            RestartPolicy::OnFailure => {
-                failure || how == ChildExit::Code(ExitCode::GuestReset)
-            }
+            RestartPolicy::OnFailure => failure || how == ChildExit::Code(ExitCode::GuestReset),
             RestartPolicy::Always => true,
         };
         if !restart {
@@ -691,10 +689,7 @@ mod tests {
         let mut r = Restarter::new(s);
         r.started(t0);
         assert_eq!(r.exited(code(4), t0 + ms(1)), R100);
-        for (i, how) in [code(3), code(0), code(6)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, how) in [code(3), code(0), code(6)].into_iter().enumerate() {
             let t = t0 + ms(10 * (i as u64 + 1));
             r.started(t);
             assert_eq!(r.exited(how, t + ms(1)), R0, "{how:?}");
@@ -738,10 +733,7 @@ mod tests {
         assert_eq!(r.state(), VmState::Failed);
         assert_eq!(r.exited(code(0), t + ms(1)), Decision::Failed);
         r.started(t + ms(100_000));
-        assert_eq!(
-            r.exited(code(3), t + ms(200_000)),
-            Decision::Failed
-        );
+        assert_eq!(r.exited(code(3), t + ms(200_000)), Decision::Failed);
         assert_eq!(r.state(), VmState::Failed);
         // reset() clears it.
         r.reset();
@@ -772,10 +764,7 @@ mod tests {
         for _ in 0..4 {
             r.started(t);
             t += ms(10);
-            assert!(matches!(
-                r.exited(code(4), t),
-                Decision::RestartAfter(_)
-            ));
+            assert!(matches!(r.exited(code(4), t), Decision::RestartAfter(_)));
         }
         // 61 s later the four old starts are out of the window.
         t = t0 + ms(61_000);
@@ -794,10 +783,7 @@ mod tests {
         r.started(t0);
         assert_eq!(r.exited(code(4), t0 + ms(1)), R100);
         r.started(t0 + ms(30_000));
-        assert_eq!(
-            r.exited(code(4), t0 + ms(60_000)),
-            Decision::Failed
-        );
+        assert_eq!(r.exited(code(4), t0 + ms(60_000)), Decision::Failed);
         let mut r = Restarter::new(s);
         r.started(t0);
         assert_eq!(r.exited(code(4), t0 + ms(1)), R100);
@@ -818,10 +804,7 @@ mod tests {
         r.started(t0);
         assert_eq!(r.exited(code(0), t0 + ms(60_001)), R0);
         r.started(t0 + ms(60_002));
-        assert_eq!(
-            r.exited(code(0), t0 + ms(60_003)),
-            Decision::Failed
-        );
+        assert_eq!(r.exited(code(0), t0 + ms(60_003)), Decision::Failed);
     }
 
     #[test]

@@ -1,0 +1,369 @@
+//! The whole supervisor (machines, event dispatch, reload, stop, status) driven without
+//! KVM or children: a fake spawner, a fake clock (every handler takes `now`), child exits
+//! fed in as waitpid would report them, and the event log captured line by line.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::spawn::{SpawnRequest, Spawner};
+use super::*;
+use crate::protocol::ExitCode;
+
+/// Records what the supervisor asks; pids from 1000 up; fails while `fail` is set.
+#[derive(Default)]
+struct FakeSpawner {
+    next_pid: u32,
+    fail: Option<String>,
+    spawned: Vec<(String, u64, u32)>,
+    signals: Vec<(u32, Signal)>,
+}
+
+impl Spawner for FakeSpawner {
+    fn spawn(&mut self, req: &SpawnRequest<'_>) -> std::io::Result<u32> {
+        if let Some(e) = &self.fail {
+            return Err(std::io::Error::other(e.clone()));
+        }
+        let pid = 1000 + self.next_pid;
+        self.next_pid += 1;
+        self.spawned
+            .push((req.spec.name.clone(), req.spec.memory_mib, pid));
+        Ok(pid)
+    }
+
+    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
+        self.signals.push((pid, sig));
+        Ok(())
+    }
+}
+
+fn spec(name: &str, memory_mib: u64) -> VmSpec {
+    let text = format!("name: {name}\nvcpus: 1\nmemory_mib: {memory_mib}\nkernel: builtin\n");
+    VmSpec::from_yaml(&text, Path::new("/nonexistent/vm.yaml")).unwrap()
+}
+
+fn settings() -> FleetSettings {
+    let mut s = FleetSettings::defaults("/nonexistent/log".into());
+    s.stop_grace = Duration::from_secs(10);
+    s.startup_settle = Duration::from_millis(500);
+    s
+}
+
+struct Harness {
+    sup: Supervisor<FakeSpawner>,
+    log: Arc<Mutex<Vec<String>>>,
+    t0: Instant,
+    seen: usize,
+}
+
+impl Harness {
+    fn new(specs: Vec<VmSpec>) -> Self {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let event_log = EventLog {
+            tty: true,
+            captured: Some(log.clone()),
+        };
+        let source = FleetSource {
+            dir: "/nonexistent".into(),
+            settings: None,
+            default_log_dir: "/nonexistent/log".into(),
+            host_memory_mib: None,
+        };
+        let sup = Supervisor::new(source, settings(), specs, FakeSpawner::default(), event_log);
+        Harness {
+            sup,
+            log,
+            t0: Instant::now(),
+            seen: 0,
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    /// The log lines since the last call.
+    fn lines(&mut self) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        let new = log[self.seen..].to_vec();
+        self.seen = log.len();
+        new
+    }
+
+    fn start(&mut self, ms: u64) {
+        self.sup.start_all(self.at(ms));
+    }
+
+    fn exit(&mut self, vm: &str, how: ChildExit, ms: u64) {
+        let pid = self.pid(vm).expect("a child to exit");
+        self.sup.on_child_exit(pid, how, self.at(ms));
+    }
+
+    fn timers(&mut self, ms: u64) {
+        self.sup.on_timers(self.at(ms));
+    }
+
+    fn reload(&mut self, specs: Vec<VmSpec>, ms: u64) {
+        self.sup
+            .apply_reload_at(Ok((settings(), specs)), self.at(ms));
+    }
+
+    fn status(&self, vm: &str) -> Option<VmStatus> {
+        self.sup.status().into_iter().find(|s| s.name == vm)
+    }
+
+    fn pid(&self, vm: &str) -> Option<u32> {
+        self.status(vm).and_then(|s| s.pid)
+    }
+
+    /// Run every timer up to `ms`, as the event loop's timeouts would.
+    fn run_timers_until(&mut self, ms: u64) {
+        while let Some(t) = self.sup.next_deadline() {
+            if t > self.at(ms) {
+                break;
+            }
+            self.sup.on_timers(t);
+        }
+    }
+}
+
+fn lines(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn restart_count_survives_an_edit_of_a_running_vm() {
+    // Issue 9's measurement: SIGKILL a VM twice, edit its file, reload: restarts_total
+    // went from 2 back to 0. It stays 2, then 3 after one more kill.
+    let mut h = Harness::new(vec![spec("a", 16)]);
+    h.start(0);
+    h.timers(500);
+    assert_eq!(
+        h.lines(),
+        lines(&["vm a: starting (pid 1000)", "vm a: running"])
+    );
+    h.exit("a", ChildExit::Signal(9), 1000);
+    h.timers(1100);
+    h.exit("a", ChildExit::Signal(9), 1200);
+    h.timers(1400);
+    h.timers(1900);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm a: exited: killed by signal 9 (SIGKILL)",
+            "vm a: restarting in 0.1 s",
+            "vm a: starting (pid 1001)",
+            "vm a: exited: killed by signal 9 (SIGKILL)",
+            "vm a: restarting in 0.2 s",
+            "vm a: starting (pid 1002)",
+            "vm a: running",
+        ])
+    );
+    assert_eq!(h.status("a").unwrap().restarts, 2);
+
+    h.reload(vec![spec("a", 32)], 2000);
+    assert_eq!(h.sup.spawner.signals, [(1002, Signal::SIGTERM)]);
+    h.exit("a", ChildExit::Code(ExitCode::Stopped), 2100);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm a: stopping",
+            "reload: 0 added, 0 removed, 1 changed",
+            "vm a: exited: stopped cleanly (exit code 6)",
+            "vm a: configuration changed; starting again",
+            "vm a: starting (pid 1003)",
+        ])
+    );
+    assert_eq!(h.sup.spawner.spawned.last(), Some(&("a".into(), 32, 1003)));
+    let st = h.status("a").unwrap();
+    assert_eq!(st.restarts, 2);
+    assert_eq!(st.last_exit, Some(ChildExit::Code(ExitCode::Stopped)));
+
+    h.exit("a", ChildExit::Signal(9), 2200);
+    h.run_timers_until(2300);
+    let st = h.status("a").unwrap();
+    assert_eq!(st.restarts, 3);
+    assert_eq!(st.pid, Some(1004));
+    assert_eq!(st.last_exit, Some(ChildExit::Signal(9)));
+}
+
+#[test]
+fn spawn_failure_is_logged_and_retried_by_the_timer() {
+    let mut h = Harness::new(vec![spec("a", 16)]);
+    h.sup.spawner.fail = Some("boom".into());
+    h.start(0);
+    assert_eq!(
+        h.lines(),
+        lines(&["vm a: cannot start: boom", "vm a: restarting in 0.1 s"])
+    );
+    assert_eq!(h.status("a").unwrap().state, VmState::Backoff);
+    assert_eq!(h.sup.next_deadline(), Some(h.at(100)));
+    h.sup.spawner.fail = None;
+    h.timers(99);
+    assert!(h.lines().is_empty());
+    h.timers(100);
+    assert_eq!(h.lines(), lines(&["vm a: starting (pid 1000)"]));
+    assert_eq!(h.status("a").unwrap().restarts, 1);
+}
+
+#[test]
+fn stop_all_kills_after_the_grace_period_and_cancels_backoffs() {
+    let mut h = Harness::new(vec![spec("a", 16), spec("b", 16)]);
+    h.start(0);
+    h.timers(500);
+    h.exit("b", ChildExit::Code(ExitCode::GuestCrash), 600);
+    h.lines();
+    h.sup.begin_stop(h.at(700));
+    assert_eq!(h.lines(), lines(&["vm a: stopping"]));
+    assert_eq!(h.status("b").unwrap().state, VmState::Stopped);
+    assert!(!h.sup.all_stopped());
+    // b's backoff (due at 700) is gone: the next deadline is a's SIGKILL.
+    assert_eq!(h.sup.next_deadline(), Some(h.at(10_700)));
+    h.run_timers_until(10_699);
+    assert!(h.lines().is_empty());
+    h.run_timers_until(10_700);
+    assert_eq!(
+        h.lines(),
+        lines(&["vm a: did not stop within the grace period: SIGKILL"])
+    );
+    assert_eq!(
+        h.sup.spawner.signals,
+        [(1000, Signal::SIGTERM), (1000, Signal::SIGKILL)]
+    );
+    h.exit("a", ChildExit::Signal(9), 10_710);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm a: exited: killed by signal 9 (SIGKILL)",
+            "vm a: stopped"
+        ])
+    );
+    assert!(h.sup.all_stopped());
+    assert_eq!(h.sup.next_deadline(), None);
+    assert_eq!(
+        h.sup.spawner.spawned.len(),
+        2,
+        "nothing started after the stop"
+    );
+}
+
+#[test]
+fn reload_adds_removes_changes_and_a_removed_vm_can_come_back() {
+    let mut h = Harness::new(vec![spec("keep", 16), spec("gone", 16), spec("edit", 16)]);
+    h.start(0);
+    h.timers(500);
+    h.lines();
+    h.reload(
+        vec![spec("keep", 16), spec("edit", 32), spec("new", 16)],
+        1000,
+    );
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm edit: stopping",
+            "vm gone: stopping",
+            "vm new: starting (pid 1003)",
+            "reload: 1 added, 1 removed, 1 changed",
+        ])
+    );
+    // `gone` comes back before its child is gone: it starts again once it is.
+    h.reload(
+        vec![
+            spec("keep", 16),
+            spec("edit", 32),
+            spec("new", 16),
+            spec("gone", 16),
+        ],
+        1100,
+    );
+    assert_eq!(h.lines(), lines(&["reload: 0 added, 0 removed, 1 changed"]));
+    h.exit("gone", ChildExit::Code(ExitCode::Stopped), 1200);
+    h.exit("edit", ChildExit::Code(ExitCode::Stopped), 1200);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm gone: exited: stopped cleanly (exit code 6)",
+            "vm gone: configuration changed; starting again",
+            "vm gone: starting (pid 1004)",
+            "vm edit: exited: stopped cleanly (exit code 6)",
+            "vm edit: configuration changed; starting again",
+            "vm edit: starting (pid 1005)",
+        ])
+    );
+    // Removed for good this time: stopped, then forgotten.
+    h.reload(
+        vec![spec("keep", 16), spec("edit", 32), spec("new", 16)],
+        1300,
+    );
+    h.exit("gone", ChildExit::Code(ExitCode::Stopped), 1400);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm gone: stopping",
+            "reload: 0 added, 1 removed, 0 changed",
+            "vm gone: exited: stopped cleanly (exit code 6)",
+            "vm gone: removed",
+        ])
+    );
+    assert!(h.status("gone").is_none());
+    assert_eq!(h.status("keep").unwrap().pid, Some(1002), "untouched");
+    // A refused reload changes nothing.
+    h.reload(Vec::new(), 1500);
+    assert_eq!(h.lines()[0], "reload refused, nothing changed:");
+    assert_eq!(h.sup.status().len(), 3);
+}
+
+#[test]
+fn reload_during_a_stop_restarts_with_the_last_spec_and_keeps_the_deadline() {
+    let mut h = Harness::new(vec![spec("a", 16)]);
+    h.start(0);
+    h.reload(vec![spec("a", 32)], 100);
+    h.reload(vec![spec("a", 48)], 5_000);
+    assert_eq!(h.sup.next_deadline(), Some(h.at(10_100)));
+    assert_eq!(h.sup.spawner.signals, [(1000, Signal::SIGTERM)]);
+    h.run_timers_until(10_100);
+    assert_eq!(
+        h.sup.spawner.signals,
+        [(1000, Signal::SIGTERM), (1000, Signal::SIGKILL)]
+    );
+    h.exit("a", ChildExit::Signal(9), 10_200);
+    assert_eq!(h.sup.spawner.spawned.last(), Some(&("a".into(), 48, 1001)));
+    let st = h.status("a").unwrap();
+    assert_eq!((st.state, st.restarts), (VmState::Starting, 0));
+    // A stale exit (a pid the fleet no longer has) is ignored.
+    h.sup
+        .on_child_exit(1000, ChildExit::Signal(9), h.at(10_300));
+    assert_eq!(h.status("a").unwrap().pid, Some(1001));
+}
+
+#[test]
+fn start_limit_marks_failed_and_an_edit_brings_it_back() {
+    let mut s = spec("a", 16);
+    s.restart.start_limit_burst = 3;
+    let mut h = Harness::new(vec![s]);
+    h.start(0);
+    for i in 0..3 {
+        h.exit("a", ChildExit::Code(ExitCode::GuestCrash), 10 + i * 1000);
+        h.run_timers_until(900 + i * 1000);
+    }
+    let log = h.lines();
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("vm a: failed: 3 starts within 60 s (start limit); left down")
+    );
+    let st = h.status("a").unwrap();
+    assert_eq!((st.state, st.restarts, st.pid), (VmState::Failed, 2, None));
+    assert_eq!(h.sup.next_deadline(), None);
+    h.reload(vec![spec("a", 32)], 5_000);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm a: configuration changed",
+            "vm a: starting (pid 1003)",
+            "reload: 0 added, 0 removed, 1 changed",
+        ])
+    );
+    assert_eq!(h.status("a").unwrap().restarts, 2);
+}
