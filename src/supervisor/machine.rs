@@ -913,6 +913,28 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_backoff_neither_overflows_nor_fires_early() {
+        let t0 = Instant::now();
+        let mut s = spec("a", 16);
+        s.restart.backoff_initial_ms = u64::MAX;
+        s.restart.backoff_max_ms = u64::MAX;
+        let mut m = machine(s);
+        m.on_event(Event::Start, t0);
+        m.on_event(spawned(7), t0);
+        m.on_event(signal(9), t0);
+        let later = t0 + Duration::from_secs(1_000_000);
+        // ~584 million years away, or past what an Instant holds (then: never).
+        assert!(m.deadline().is_none_or(|t| t > later));
+        assert_eq!(m.vm_state(), Backoff);
+        assert!(show(&m.on_event(Event::Timer, later)).is_empty());
+        // An edit still brings it back at once.
+        assert_eq!(
+            show(&m.on_event(reload(spec("a", 32)), later)),
+            ["<6>configuration changed", "spawn"]
+        );
+    }
+
+    #[test]
     fn a_removed_vm_is_stopped_then_forgotten_unless_re_added() {
         let t0 = Instant::now();
         let mut m = machine(spec("a", 16));

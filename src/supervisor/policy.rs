@@ -1,5 +1,6 @@
 //! The restart policy as a pure state machine: `always` / `on-failure` / `never`,
-//! exponential backoff with a cap, and a systemd-style start limit.
+//! exponential backoff with a cap, and a systemd-style start limit. It decides; the VM's
+//! lifecycle, its timers included, is its state machine's ([`super::machine`]).
 //!
 //! No syscalls and no clock reads: the supervisor passes every [`Instant`] in, so the
 //! whole machine is deterministic and tested with tables below. Every method is total:
@@ -185,8 +186,6 @@ pub struct Restarter {
     stop_requested: bool,
     /// Latched by the start limit; only [`Restarter::reset`] clears it.
     failed: bool,
-    /// When the pending backoff ends (exit time + delay), while in `Backoff`.
-    backoff_until: Option<Instant>,
     /// Every start ever recorded (not cleared by reset: it feeds a counter).
     total_starts: u64,
 }
@@ -202,7 +201,6 @@ impl Restarter {
             last_start: None,
             stop_requested: false,
             failed: false,
-            backoff_until: None,
             total_starts: 0,
         }
     }
@@ -233,16 +231,6 @@ impl Restarter {
         self.consecutive_failures
     }
 
-    /// When the pending backoff ends, if the state is [`VmState::Backoff`] (`None` also if
-    /// the delay is too large to represent as an `Instant`).
-    pub fn next_start(&self) -> Option<Instant> {
-        if self.state == VmState::Backoff {
-            self.backoff_until
-        } else {
-            None
-        }
-    }
-
     /// The child was started at `now`. Records the start (for the start limit and for
     /// uptime) and clears any earlier stop request. State -> Starting.
     ///
@@ -259,7 +247,6 @@ impl Restarter {
         self.last_start = Some(now);
         self.total_starts = self.total_starts.saturating_add(1);
         self.stop_requested = false;
-        self.backoff_until = None;
         self.state = VmState::Starting;
     }
 
@@ -284,7 +271,6 @@ impl Restarter {
                 self.state = VmState::Stopping;
             }
             VmState::Backoff => {
-                self.backoff_until = None;
                 self.state = VmState::Stopped;
             }
             VmState::Stopped | VmState::Failed => {}
@@ -296,7 +282,6 @@ impl Restarter {
     /// [`Decision::Failed`].
     pub fn exited(&mut self, how: ChildExit, now: Instant) -> Decision {
         let stop = std::mem::take(&mut self.stop_requested);
-        self.backoff_until = None;
         if self.failed {
             self.state = VmState::Failed;
             return Decision::Failed;
@@ -345,21 +330,14 @@ impl Restarter {
         } else {
             Duration::ZERO
         };
-        self.backoff_until = now.checked_add(delay);
         self.state = VmState::Backoff;
         Decision::RestartAfter(delay)
     }
 
-    /// The backoff timer is due: may the child start now? `false` if the state is not
-    /// Backoff. The supervisor owns the timer (see [`Restarter::next_start`]); this only
-    /// says whether a restart is still wanted, e.g. no stop came in meanwhile.
+    /// Whether the policy wants the child started again (the state is Backoff). The
+    /// delay's timer is the caller's (the VM's state machine keeps the deadline).
     pub fn due(&self) -> bool {
         self.state == VmState::Backoff
-    }
-
-    /// Like [`Restarter::due`], and also checks that the backoff delay has passed at `now`.
-    pub fn due_at(&self, now: Instant) -> bool {
-        self.due() && self.backoff_until.is_some_and(|t| now >= t)
     }
 
     /// Reset after an edit or manual restart: failure count, start history, stop request
@@ -370,7 +348,6 @@ impl Restarter {
         self.last_start = None;
         self.stop_requested = false;
         self.failed = false;
-        self.backoff_until = None;
         self.state = VmState::Stopped;
     }
 
@@ -566,14 +543,10 @@ mod tests {
         let mut r = Restarter::new(spec(RestartPolicy::OnFailure));
         r.started(t0);
         assert_eq!(r.exited(code(4), t0), R100);
-        assert_eq!(r.next_start(), Some(t0 + ms(100)));
-        assert!(!r.due_at(t0 + ms(99)));
-        assert!(r.due_at(t0 + ms(100)));
+        assert!(r.due());
         r.stop_requested();
         assert_eq!(r.state(), VmState::Stopped);
         assert!(!r.due());
-        assert!(!r.due_at(t0 + ms(1000)));
-        assert_eq!(r.next_start(), None);
         // Stop while already stopped: nothing changes, no stale request.
         r.stop_requested();
         assert_eq!(r.state(), VmState::Stopped);
@@ -652,8 +625,6 @@ mod tests {
                 "{i}"
             );
             assert_eq!(r.consecutive_failures(), u32::MAX);
-            // The deadline is ~584 million years away (or not representable): not due.
-            assert!(!r.due_at(t0 + ms(1_000_000)));
         }
     }
 
@@ -848,7 +819,6 @@ mod tests {
         assert_eq!(r.restarts(), 0);
         assert_eq!(r.consecutive_failures(), 0);
         assert!(!r.due());
-        assert_eq!(r.next_start(), None);
     }
 
     #[test]
@@ -883,7 +853,7 @@ mod tests {
             for (i, how) in exits.into_iter().enumerate() {
                 let back = t0.checked_sub(ms(1_000 * i as u64)).unwrap_or(t0);
                 let _ = r.exited(how, back);
-                let _ = r.due_at(back);
+                let _ = r.due();
                 r.started(t0 + ms(50_000));
                 r.stop_requested();
                 r.stop_requested();
