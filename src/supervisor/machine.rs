@@ -448,7 +448,12 @@ impl Machine {
             State::Starting { .. } | State::Running { .. } | State::Stopping { .. } => {
                 self.stop(Then::Replace(spec), now)
             }
-            State::Spawning => Vec::new(),
+            State::Spawning => {
+                // Asked for, not started yet (a spawner off the event loop): it starts
+                // with the new spec.
+                self.replace_spec(*spec);
+                vec![log(6, "configuration changed")]
+            }
             State::New | State::Backoff { .. } | State::Stopped | State::Failed => {
                 self.replace_spec(*spec);
                 let mut actions = vec![log(6, "configuration changed")];
@@ -1060,6 +1065,32 @@ mod tests {
         &'a [&'a str],
         VmState,
     );
+
+    #[test]
+    fn events_while_a_spawn_is_pending() {
+        // The spawner's answer may come later than the next event (a spawner off the
+        // loop): an edit applies to the pending start, a removal or a stop cancels it.
+        let t0 = Instant::now();
+        let mut m = machine(spec("a", 16));
+        m.on_event(Event::Start, t0);
+        assert_eq!(
+            show(&m.on_event(reload(spec("a", 32)), t0)),
+            ["<6>configuration changed"]
+        );
+        assert_eq!(m.spec(), &spec("a", 32));
+        assert_eq!(show(&m.on_event(spawned(7), t0)), ["<6>starting (pid 7)"]);
+        let mut m = machine(spec("a", 16));
+        m.on_event(Event::Start, t0);
+        assert_eq!(show(&m.on_event(Event::StopAll, t0)), Vec::<String>::new());
+        assert_eq!(show(&m.on_event(spawned(7), t0)), ["KILL 7"]);
+        assert_eq!(m.vm_state(), Stopped);
+        let mut m = machine(spec("a", 16));
+        m.on_event(Event::Start, t0);
+        assert_eq!(
+            show(&m.on_event(Event::Removed, t0)),
+            ["<6>removed", "forget"]
+        );
+    }
 
     #[test]
     fn exits_are_typed_and_logged_by_kind() {

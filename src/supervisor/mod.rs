@@ -6,6 +6,12 @@
 //! never delays signals and reaping), with a timeout set to the next timer (a backoff,
 //! a settle time, a kill deadline, systemd's watchdog): no polling. Children's output
 //! goes to the output thread ([`output`]), never through the loop.
+//!
+//! Each VM's lifecycle is its state machine's ([`machine`]): the loop only turns OS
+//! events (a reaped child with its typed exit, a due timer, a reload's result, a stop)
+//! into machine events, and the machine's actions into syscalls (spawn, kill, log). Every
+//! handler takes the time as an argument, so the whole loop is tested with a fake
+//! spawner and a fake clock (`tests.rs`).
 
 pub mod cgroup;
 pub mod machine;
