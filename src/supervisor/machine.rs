@@ -287,7 +287,8 @@ impl Machine {
         self.restarter.started(now);
         self.state = State::Starting {
             pid,
-            running_at: now + self.timing.startup_settle,
+            // Total even for a settle time past what an Instant holds (then: at once).
+            running_at: now.checked_add(self.timing.startup_settle).unwrap_or(now),
         };
         vec![log(6, format!("starting (pid {pid})"))]
     }
