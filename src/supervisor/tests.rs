@@ -367,3 +367,46 @@ fn start_limit_marks_failed_and_an_edit_brings_it_back() {
     );
     assert_eq!(h.status("a").unwrap().restarts, 2);
 }
+
+#[test]
+fn typed_exits_reach_the_log_and_the_status() {
+    let mut h = Harness::new(vec![spec("a", 16)]);
+    h.start(0);
+    h.lines();
+    h.exit("a", ChildExit::Signal(libc::SIGSYS), 10);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm a: exited: killed by signal 31 (SIGSYS)",
+            "vm a: seccomp violation (killed by SIGSYS)",
+            "vm a: restarting in 0.1 s",
+        ])
+    );
+    assert_eq!(
+        h.status("a").unwrap().last_exit,
+        Some(ChildExit::Signal(libc::SIGSYS))
+    );
+    h.run_timers_until(110);
+    h.lines();
+    // What waitpid reports as status 42: not one of the protocol's codes.
+    h.exit("a", ChildExit::from_status(42), 120);
+    assert_eq!(
+        h.lines(),
+        lines(&["vm a: exited: exit code 42", "vm a: restarting in 0.2 s"])
+    );
+    assert_eq!(
+        h.status("a").unwrap().last_exit,
+        Some(ChildExit::UnknownCode(42))
+    );
+    h.run_timers_until(320);
+    h.exit("a", ChildExit::from_status(0), 330);
+    assert_eq!(
+        h.lines(),
+        lines(&[
+            "vm a: starting (pid 1002)",
+            "vm a: exited: guest powered off (exit code 0)",
+            "vm a: stopped",
+        ])
+    );
+    assert_eq!(h.status("a").unwrap().state, VmState::Stopped);
+}
