@@ -1147,4 +1147,115 @@ mod tests {
         assert!(show(&m.on_event(signal(9), t0)).is_empty());
         assert_eq!(m.vm_state(), Stopped);
     }
+
+    /// A tiny deterministic generator (no dependency needed for a random walk).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    #[test]
+    fn random_walks_keep_the_invariants() {
+        let specs = [spec("a", 16), spec("a", 32), spec("a", 48)];
+        let exits = [
+            ChildExit::Code(ExitCode::GuestPoweroff),
+            ChildExit::Code(ExitCode::GuestReset),
+            ChildExit::Code(ExitCode::GuestCrash),
+            ChildExit::Code(ExitCode::VmmError),
+            ChildExit::Code(ExitCode::Stopped),
+            ChildExit::UnknownCode(1),
+            ChildExit::Signal(9),
+            ChildExit::Signal(libc::SIGSYS),
+        ];
+        let t0 = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..200 {
+            let mut rng = Lcg(seed);
+            let mut s = specs[0].clone();
+            s.restart.policy = [
+                RestartPolicy::Always,
+                RestartPolicy::OnFailure,
+                RestartPolicy::Never,
+            ][rng.below(3) as usize];
+            s.restart.start_limit_burst = 1 + rng.below(6) as u32;
+            let mut m = machine(s);
+            let (mut t, mut next_pid, mut restarts) = (0u64, 1u32, 0u64);
+            let (mut halted, mut forgotten) = (false, false);
+            for step in 0..300 {
+                let event = if m.state() == &State::Spawning {
+                    if rng.below(4) == 0 {
+                        Event::SpawnFailed { error: "x".into() }
+                    } else {
+                        next_pid += 1;
+                        spawned(next_pid)
+                    }
+                } else {
+                    match rng.below(8) {
+                        0 => Event::Start,
+                        1 | 2 if m.pid().is_some() => Event::Exited {
+                            how: exits[rng.below(exits.len() as u64) as usize],
+                            oom: None,
+                        },
+                        3 => reload(specs[rng.below(3) as usize].clone()),
+                        4 if rng.below(10) == 0 => Event::Removed,
+                        5 if rng.below(20) == 0 => Event::StopAll,
+                        _ => Event::Timer,
+                    }
+                };
+                // Time jumps to the deadline sometimes, else a random short step.
+                t = match (rng.below(2), m.deadline()) {
+                    (0, Some(d)) => t.max((d - t0).as_millis() as u64),
+                    _ => t + rng.below(2_000),
+                };
+                let what = format!("seed {seed} step {step}: {event:?} in {:?}", m.state());
+                let old_pid = m.pid();
+                halted |= event == Event::StopAll;
+                let actions = m.on_event(event, t0 + Duration::from_millis(t));
+                for a in &actions {
+                    match a {
+                        Action::Spawn => {
+                            assert!(!halted, "{what}: a spawn after stop-all");
+                            assert_eq!(m.state(), &State::Spawning, "{what}");
+                        }
+                        Action::Signal { pid, .. } => {
+                            assert!(
+                                old_pid == Some(*pid) || *pid == next_pid,
+                                "{what}: signal to a pid it does not own"
+                            );
+                        }
+                        Action::Forget => forgotten = true,
+                        Action::Log { .. } => {}
+                    }
+                }
+                seen.insert(m.vm_state());
+                assert!(m.restarts() >= restarts, "{what}: restarts went down");
+                restarts = m.restarts();
+                if m.deadline().is_some() {
+                    assert!(
+                        matches!(
+                            m.state(),
+                            State::Starting { .. } | State::Stopping { .. } | State::Backoff { .. }
+                        ),
+                        "{what}: a timer in {:?}",
+                        m.state()
+                    );
+                }
+                if m.pid().is_some() {
+                    assert!(m.vm_state().has_child(), "{what}");
+                }
+                if forgotten {
+                    assert_eq!(m.pid(), None, "{what}: forgotten with a child");
+                    break;
+                }
+            }
+        }
+        assert_eq!(seen.len(), VmState::ALL.len(), "states reached: {seen:?}");
+    }
 }
