@@ -315,7 +315,7 @@ fn a_table_that_cannot_be_made_is_logged_and_its_vm_runs_without_one() {
 }
 
 #[test]
-fn restarts_total_counts_every_restart_across_an_edit_of_a_running_vm() {
+fn restarts_total_counts_on_across_an_edit_of_a_running_vm() {
     if !kvm_available("counter_table::restarts_across_an_edit") {
         return;
     }
@@ -343,7 +343,9 @@ fn restarts_total_counts_every_restart_across_an_edit_of_a_running_vm() {
         running(&fleet, n);
     }
     assert_eq!(restarts(&fleet), 2.0, "{}", fleet.log());
-    // An edit of the running VM: it restarts with the new spec (one more restart)...
+    // An edit of the running VM: it starts again with the new spec, which is not a
+    // restart by its policy (systemd's NRestarts does not count a `systemctl restart`
+    // either): the count stays 2, as issue 9 asks...
     let file = dir.join("ed.yaml");
     let text = std::fs::read_to_string(&file).expect("read VM file");
     std::fs::write(
@@ -353,11 +355,11 @@ fn restarts_total_counts_every_restart_across_an_edit_of_a_running_vm() {
     .expect("edit VM file");
     fleet.signal(Signal::SIGHUP);
     running(&fleet, 4);
-    assert_eq!(restarts(&fleet), 3.0, "{}", fleet.log());
+    assert_eq!(restarts(&fleet), 2.0, "{}", fleet.log());
     // ...and the restarts after it count on from there, each one seen at once.
     for n in 5..=6 {
         kill(Pid::from_raw(fleet.pid_of("ed") as i32), Signal::SIGKILL).expect("SIGKILL");
         running(&fleet, n);
-        assert_eq!(restarts(&fleet), (n - 1) as f64, "{}", fleet.log());
+        assert_eq!(restarts(&fleet), (n - 2) as f64, "{}", fleet.log());
     }
 }
