@@ -79,7 +79,17 @@ fn exact_io_out_count_and_promtool_check_metrics() {
     assert!(wait_until(Duration::from_secs(20), || fleet
         .log()
         .contains("vm writer: stopped")));
-    let text = scrape(addr);
+    // The idler (2 vCPUs) may signal "userspace up" after the writer has stopped: wait
+    // for its boot time to be published too, with a deadline.
+    let boot_series = "vmm_fleet_vm_boot_seconds{stage=\"userspace_up\",vm=\"idler\"}";
+    let mut text = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            text = scrape(addr);
+            value(&text, boot_series).is_some()
+        }),
+        "the idler's boot time never appeared: {text}"
+    );
     // Every port write of the guest is an io_out exit: its console bytes, the 1234
     // writes it was told to make, the 0x41 "up" signal and the power-off write.
     let console = std::fs::read(dir.join("logs/writer.console")).unwrap();
@@ -109,11 +119,7 @@ fn exact_io_out_count_and_promtool_check_metrics() {
         .is_some()
     );
     assert!(text.contains("process_resident_memory_bytes"));
-    let boot = value(
-        &text,
-        "vmm_fleet_vm_boot_seconds{stage=\"userspace_up\",vm=\"idler\"}",
-    )
-    .expect("boot seconds");
+    let boot = value(&text, boot_series).expect("boot seconds");
     assert!(boot > 0.0 && boot < 10.0);
 
     let mut check = Command::new(promtool())
