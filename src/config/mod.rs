@@ -281,13 +281,39 @@ impl Problem {
     }
 }
 
-impl fmt::Display for Problem {
-    /// `{file}: {key}: {reason}`, or `{file}: {reason}` when the key is empty.
+/// Text from a file or a path name, shown on one line: control characters (a newline
+/// in a file name or in a YAML value quoted by a parse error) are escaped, so one
+/// problem is one log line and a file cannot forge lines of the supervisor's log.
+struct OneLine<'a>(&'a str);
+
+impl fmt::Display for OneLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Problem {
+    /// `{file}: {key}: {reason}`, or `{file}: {reason}` when the key is empty, on one
+    /// line whatever the file name or the reason hold.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.to_string_lossy();
         if self.key.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.reason)
+            write!(f, "{}: {}", OneLine(&file), OneLine(&self.reason))
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+            write!(
+                f,
+                "{}: {}: {}",
+                OneLine(&file),
+                OneLine(&self.key),
+                OneLine(&self.reason)
+            )
         }
     }
 }

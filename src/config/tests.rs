@@ -586,6 +586,35 @@ fn problem_display() {
 }
 
 #[test]
+fn a_problem_is_one_line_whatever_its_file_name_or_reason_holds() {
+    // A file name with a newline, and a parse error quoting a multi-line value, must
+    // not forge a second line in the supervisor's log.
+    let p = Problem::new(
+        "/c/evil\n<3>vm x: fake.yaml",
+        "cmdline",
+        "invalid type: string \"a\nb\u{1b}[31m\"",
+    );
+    let s = p.to_string();
+    assert_eq!(s.lines().count(), 1, "{s}");
+    assert_eq!(
+        s,
+        "/c/evil\\n<3>vm x: fake.yaml: cmdline: invalid type: string \"a\\nb\\u{1b}[31m\""
+    );
+    let dir = TempDir::new("oneline");
+    let f = dir.write(
+        "v.yaml",
+        "name: v\nvcpus: \"1\\n2\\n3\"\nmemory_mib: 16\nkernel: builtin\n",
+    );
+    let e = VmSpec::load(&f).expect_err("vcpus is a string");
+    assert!(
+        e.to_string()
+            .lines()
+            .all(|l| l.starts_with(&f.display().to_string())),
+        "{e}"
+    );
+}
+
+#[test]
 fn fixtures_directory() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config");
     let specs = load_dir(&root.join("valid"), None).expect("valid fixtures");
