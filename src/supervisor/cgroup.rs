@@ -112,8 +112,9 @@ impl Hierarchy {
 #[derive(Debug)]
 struct VmCgroup {
     dirs: Vec<PathBuf>,
-    /// `memory.oom_control` (v1) or `memory.events` (v2).
-    oom_file: PathBuf,
+    /// `memory.oom_control` (v1) or `memory.events` (v2); `None` without a memory
+    /// hierarchy.
+    oom_file: Option<PathBuf>,
     oom_kills_before: u64,
     memory_limit_mib: u64,
 }
@@ -299,13 +300,13 @@ impl FleetCgroups {
         }
         let mut vm = VmCgroup {
             dirs: Vec::new(),
-            oom_file: PathBuf::new(),
+            oom_file: None,
             oom_kills_before: 0,
             memory_limit_mib: spec.memory_mib.saturating_add(overhead_mib),
         };
         let mut procs = Vec::new();
         let made = self.make(spec, &mut vm, &mut procs);
-        vm.oom_kills_before = oom_kills(&vm.oom_file);
+        vm.oom_kills_before = oom_kills(vm.oom_file.as_deref());
         self.live.insert(spec.name.clone(), vm);
         made.map(|()| Some(Placement { procs }))
     }
@@ -328,10 +329,10 @@ impl FleetCgroups {
             vm.dirs.push(dir.clone());
             set_limits(self.version, h, &dir, spec, vm.memory_limit_mib)?;
             if h.has("memory") {
-                vm.oom_file = dir.join(match self.version {
+                vm.oom_file = Some(dir.join(match self.version {
                     Version::V1 => "memory.oom_control",
                     Version::V2 => "memory.events",
-                });
+                }));
             }
             let p = dir.join("cgroup.procs");
             let c = CString::new(p.as_os_str().as_bytes())
@@ -345,7 +346,7 @@ impl FleetCgroups {
     /// later), and say whether the cgroup's OOM killer killed it.
     pub fn exited(&mut self, name: &str, now: Instant) -> Option<String> {
         let vm = self.live.remove(name)?;
-        let kills = oom_kills(&vm.oom_file).saturating_sub(vm.oom_kills_before);
+        let kills = oom_kills(vm.oom_file.as_deref()).saturating_sub(vm.oom_kills_before);
         // What the child left behind (a process it forked, as a compromised VMM may)
         // must not outlive the VM, keep its cgroup or pipes busy, or join its successor.
         // A few rounds: on v1, a process may fork between the read of cgroup.procs and
@@ -654,10 +655,9 @@ fn set_limits(
 }
 
 /// The `oom_kill` count of `memory.oom_control` (v1) or `memory.events` (v2); 0 when
-/// unreadable.
-fn oom_kills(file: &Path) -> u64 {
-    fs::read_to_string(file)
-        .ok()
+/// there is none or it is unreadable.
+fn oom_kills(file: Option<&Path>) -> u64 {
+    file.and_then(|f| fs::read_to_string(f).ok())
         .and_then(|text| parse_oom_kills(&text))
         .unwrap_or(0)
 }
@@ -816,7 +816,8 @@ mod tests {
         assert_eq!(parse_oom_kills(v1), Some(3));
         assert_eq!(parse_oom_kills(v2), Some(2));
         assert_eq!(parse_oom_kills("oom_kill_disable 0\n"), None);
-        assert_eq!(oom_kills(Path::new("/nonexistent/memory.events")), 0);
+        assert_eq!(oom_kills(Some(Path::new("/nonexistent/memory.events"))), 0);
+        assert_eq!(oom_kills(None), 0);
     }
 
     /// The v2 steps on this host's real unified hierarchy, with the one controller it
