@@ -143,7 +143,7 @@ impl VmUser {
                 nix::unistd::geteuid()
             ),
             Some(u) => format!(
-                "VM children run as user {} (uid {}, gid {}{}){}",
+                "VM children run as user {} (uid {}, gid {}{}){}{}",
                 u.name,
                 u.uid,
                 u.gid,
@@ -151,7 +151,15 @@ impl VmUser {
                     .map_or(", no kvm group on this host".to_string(), |g| format!(
                         ", supplementary group kvm ({g})"
                     )),
-                if u.explicit { "" } else { " by default" }
+                if u.explicit { "" } else { " by default" },
+                // nobody is shared with other daemons: any of them may signal the VMs
+                // (seccomp only stops the VMs themselves from signalling anyone).
+                if u.name == "nobody" {
+                    "; every other process running as nobody may signal these VMs: \
+                     create the system user vmm-fleet or set vm_user to a user of their own"
+                } else {
+                    ""
+                }
             ),
         }
     }

@@ -1186,3 +1186,22 @@ fn settings_seccomp_on_off() {
     let ps = settings_problems(FleetSettings::load(&f, PathBuf::new()));
     assert!(ps[0].reason.contains("found a number"), "{ps:?}");
 }
+
+#[test]
+fn the_vm_user_line_warns_when_vms_share_nobody_with_other_daemons() {
+    let user = |name: &str| VmUser {
+        name: name.to_string(),
+        uid: 65534,
+        gid: 65534,
+        kvm_gid: None,
+        explicit: false,
+    };
+    let nobody = VmUser::describe(Some(&user("nobody")));
+    assert!(nobody.contains("by default"), "{nobody}");
+    assert!(
+        nobody.contains("every other process running as nobody"),
+        "{nobody}"
+    );
+    let own = VmUser::describe(Some(&user("vmm-fleet")));
+    assert!(!own.contains("every other process"), "{own}");
+}
