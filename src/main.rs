@@ -110,6 +110,10 @@ impl From<OnOff> for SeccompMode {
     }
 }
 
+/// Spawner threads of `up` (see `supervisor::pool`): a spawn mostly waits (for the
+/// exec, and on cgroup v1 for an RCU grace period), so a few overlap well even on 2 cores.
+const SPAWN_THREADS: usize = 4;
+
 fn main() -> ProcessExit {
     let cli = Cli::parse();
     match cli.command {
@@ -251,6 +255,7 @@ fn cmd_up(
         .with_metrics(fleet)
         .with_output(output)
         .with_cgroups()
+        .with_spawn_threads(SPAWN_THREADS, &tx)
         .on_metrics_address_change(move |new| {
             metrics_address_changed(new, metrics_address, handle.as_ref())
         });

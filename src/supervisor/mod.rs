@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod machine;
 pub mod output;
 pub mod policy;
+pub mod pool;
 pub mod spawn;
 mod table;
 pub mod watchdog;
@@ -24,7 +25,7 @@ pub mod watchdog;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -118,6 +119,8 @@ struct Vm {
     /// Its exit counters, shared with each child; they outlive the children (and edits).
     table: Option<SharedTable>,
     start_unix: Option<f64>,
+    /// The ticket of the spawn asked of the spawner threads and not answered yet.
+    pending: Option<u64>,
 }
 
 impl Vm {
@@ -127,6 +130,7 @@ impl Vm {
             machine: Machine::new(spec, timing),
             table,
             start_unix: None,
+            pending: None,
         }
     }
 }
@@ -144,6 +148,8 @@ pub enum Event {
     Signal(i32),
     /// A reload's load, finished on its worker thread.
     Loaded(Box<Result<(FleetSettings, Vec<VmSpec>), ConfigError>>),
+    /// A spawner thread's answer ([`pool`]).
+    Spawned(Box<pool::Done>),
 }
 
 /// Where a reload stands: its load runs off the event loop, so that reading a
@@ -182,7 +188,7 @@ pub struct Supervisor<S: Spawner> {
     metrics: Option<Arc<FleetMetrics>>,
     last_status: String,
     /// The thread writing every child's console and log (None: not captured).
-    output: Option<output::OutputHub>,
+    output: Option<Arc<output::OutputHub>>,
     /// A reload's load runs on a worker thread; another SIGHUP meanwhile is queued here.
     reload: ReloadState,
     /// Where loader threads send their result (set by `run`).
@@ -190,6 +196,16 @@ pub struct Supervisor<S: Spawner> {
     cgroups: cgroup::FleetCgroups,
     /// Called by a reload whose settings change `metrics_address`.
     on_metrics_address: Option<Box<dyn FnMut(std::net::SocketAddr) + Send>>,
+    /// The spawner threads (None: spawns run on the loop, as the tests' fake clock wants).
+    pool: Option<pool::Pool>,
+    /// Spawn tickets handed out so far.
+    tickets: u64,
+    /// Spawns asked of the threads and not answered yet.
+    in_flight: usize,
+    /// Children nobody wants any more (their answer came late), killed, not reaped yet.
+    strays: HashMap<u32, String>,
+    /// Exits of children whose spawn answer has not been read yet.
+    parked: HashMap<u32, ChildExit>,
 }
 
 /// Every state name, for the exporter.
@@ -229,13 +245,18 @@ impl<S: Spawner> Supervisor<S> {
             events: None,
             cgroups: cgroup::FleetCgroups::disabled(),
             on_metrics_address: None,
+            pool: None,
+            tickets: 0,
+            in_flight: 0,
+            strays: HashMap::new(),
+            parked: HashMap::new(),
         }
     }
 
     /// Capture every child's stdout and stderr through `hub` (size cap, rotation, rate
     /// limit).
     pub fn with_output(mut self, hub: output::OutputHub) -> Self {
-        self.output = Some(hub);
+        self.output = Some(Arc::new(hub));
         self
     }
 
@@ -346,6 +367,7 @@ impl<S: Spawner> Supervisor<S> {
             match events.recv_timeout(timeout) {
                 Ok(Event::Signal(sig)) => self.on_signal(sig),
                 Ok(Event::Loaded(loaded)) => self.on_loaded(*loaded),
+                Ok(Event::Spawned(done)) => self.on_spawn_done(*done, Instant::now()),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     if !self.stopping {
@@ -371,7 +393,10 @@ impl<S: Spawner> Supervisor<S> {
 
     /// The fleet is stopping and no child is left.
     fn all_stopped(&self) -> bool {
-        self.stopping && self.vms.values().all(|v| v.machine.pid().is_none())
+        self.stopping
+            && self.in_flight == 0
+            && self.strays.is_empty()
+            && self.vms.values().all(|v| v.machine.pid().is_none())
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -412,7 +437,7 @@ impl<S: Spawner> Supervisor<S> {
                                 .vm(4, name, &format!("{} to pid {pid}: {e}", signal.as_str()));
                         }
                     }
-                    Action::Spawn => next = Some(self.spawn(name, now)),
+                    Action::Spawn => next = self.spawn(name, now),
                     Action::Forget => {
                         self.vms.remove(name);
                     }
@@ -434,47 +459,83 @@ impl<S: Spawner> Supervisor<S> {
 
     fn begin_stop(&mut self, now: Instant) {
         self.stopping = true;
+        if let Some(p) = &self.pool {
+            p.cancel_queued();
+        }
         self.dispatch_all(&machine::Event::StopAll, now);
     }
 
     /// Start a child for VM `name` (its machine asked for one): counter table and cgroup
-    /// prepared, then the spawner. Returns the outcome, for the machine.
-    fn spawn(&mut self, name: &str, now: Instant) -> machine::Event {
+    /// prepared, then the spawner, on a spawner thread if there are any (the answer
+    /// comes as [`Event::Spawned`]: returns None) or here (returns the outcome, for the
+    /// machine).
+    fn spawn(&mut self, name: &str, now: Instant) -> Option<machine::Event> {
         let settings_file = self.settings.source.clone();
         let log_dir = self.settings.log_dir.clone();
         let user = self.settings.vm_user.clone();
         let limits = output::Limits::from_settings(&self.settings);
         let seccomp = self.settings.seccomp;
         let Some(vm) = self.vms.get_mut(name) else {
-            return machine::Event::SpawnFailed {
+            return Some(machine::Event::SpawnFailed {
                 error: "unknown VM".into(),
-            };
+            });
         };
         let spec = vm.machine.spec();
         table::prepare(name, usize::from(spec.vcpus), &mut vm.table, &self.log);
         let cgroup = self
             .cgroups
             .prepare(spec, self.settings.cgroup_overhead_mib);
-        let req = SpawnRequest {
-            spec,
-            settings: settings_file.as_deref(),
-            log_dir: &log_dir,
-            counters: vm.table.as_ref().map(|t| t.fd()),
-            user: user.as_ref(),
-            output: self.output.as_ref().map(|o| (o, limits)),
-            cgroup: cgroup.as_ref().ok().and_then(Option::as_ref),
-            seccomp,
+        let spawned = match (&cgroup, &self.pool) {
+            (Err(e), _) => Err(std::io::Error::other(format!("cgroup: {e}"))),
+            (Ok(placement), Some(pool)) => {
+                let counters = vm
+                    .table
+                    .as_ref()
+                    .map(|t| t.fd().try_clone_to_owned())
+                    .transpose();
+                match counters {
+                    Ok(counters) => {
+                        self.tickets += 1;
+                        let job = pool::Job {
+                            ticket: self.tickets,
+                            spec: spec.clone(),
+                            settings: settings_file,
+                            log_dir,
+                            counters,
+                            user,
+                            output: self.output.clone().map(|o| (o, limits)),
+                            cgroup: placement.clone(),
+                            seccomp,
+                        };
+                        match pool.submit(job) {
+                            Ok(()) => {
+                                vm.pending = Some(self.tickets);
+                                self.in_flight += 1;
+                                return None;
+                            }
+                            Err(_) => Err(std::io::Error::other("the spawner threads are gone")),
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            (Ok(placement), None) => {
+                let req = SpawnRequest {
+                    spec,
+                    settings: settings_file.as_deref(),
+                    log_dir: &log_dir,
+                    counters: vm.table.as_ref().map(|t| t.fd()),
+                    user: user.as_ref(),
+                    output: self.output.as_ref().map(|o| (&**o, limits)),
+                    cgroup: placement.as_ref(),
+                    seccomp,
+                };
+                self.spawner.spawn(&req)
+            }
         };
-        let spawned = match &cgroup {
-            Ok(_) => self.spawner.spawn(&req),
-            Err(e) => Err(std::io::Error::other(format!("cgroup: {e}"))),
-        };
-        match spawned {
+        Some(match spawned {
             Ok(pid) => {
-                vm.start_unix = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .ok()
-                    .map(|d| d.as_secs_f64());
+                vm.start_unix = unix_now();
                 machine::Event::Spawned { pid }
             }
             Err(e) => {
@@ -483,6 +544,90 @@ impl<S: Spawner> Supervisor<S> {
                     error: e.to_string(),
                 }
             }
+        })
+    }
+
+    /// A spawner thread's answer. The VM may have moved on meanwhile (stopped, removed,
+    /// edited): a child nobody wants any more is killed (and reaped as a stray); an
+    /// edited VM gets a child with its new spec.
+    fn on_spawn_done(&mut self, done: pool::Done, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let name = done.name;
+        let ours = self
+            .vms
+            .get(&name)
+            .is_some_and(|v| v.pending == Some(done.ticket));
+        if ours && let Some(vm) = self.vms.get_mut(&name) {
+            vm.pending = None;
+        }
+        let waiting = ours
+            && self
+                .vms
+                .get(&name)
+                .is_some_and(|v| *v.machine.state() == machine::State::Spawning);
+        match done.result {
+            Ok(pid)
+                if waiting
+                    && self
+                        .vms
+                        .get(&name)
+                        .is_some_and(|v| *v.machine.spec() == done.spec) =>
+            {
+                if let Some(vm) = self.vms.get_mut(&name) {
+                    vm.start_unix = unix_now();
+                }
+                self.dispatch(&name, machine::Event::Spawned { pid }, now);
+                if let Some(how) = self.parked.remove(&pid) {
+                    self.on_child_exit(pid, how, now);
+                }
+            }
+            Ok(pid) => {
+                self.stray(&name, pid, now);
+                if waiting {
+                    // Edited while its spawn ran: start it again with the new spec.
+                    if let Some(event) = self.spawn(&name, now) {
+                        self.dispatch(&name, event, now);
+                    }
+                }
+            }
+            Err(e) if waiting => {
+                self.cgroups.exited(&name, now);
+                let error = e.to_string();
+                self.dispatch(&name, machine::Event::SpawnFailed { error }, now);
+            }
+            Err(_) => {
+                if ours {
+                    self.cgroups.exited(&name, now);
+                }
+            }
+        }
+        if self.in_flight == 0 {
+            self.parked.clear();
+        }
+    }
+
+    /// Child `pid` of VM `name` came too late to be wanted: kill it (unless it is gone
+    /// already) and wait for its exit.
+    fn stray(&mut self, name: &str, pid: u32, now: Instant) {
+        if self.parked.remove(&pid).is_some() {
+            self.stray_gone(name, now);
+            return;
+        }
+        if let Err(e) = self.spawner.signal(pid, nix::sys::signal::Signal::SIGKILL) {
+            self.log.vm(4, name, &format!("SIGKILL to pid {pid}: {e}"));
+        }
+        self.strays.insert(pid, name.to_string());
+    }
+
+    /// A stray child of VM `name` is gone: its cgroup goes too, unless the VM has
+    /// another child (or one on the way) by now.
+    fn stray_gone(&mut self, name: &str, now: Instant) {
+        let busy = self
+            .vms
+            .get(name)
+            .is_some_and(|v| v.pending.is_some() || v.machine.pid().is_some());
+        if !busy {
+            self.cgroups.exited(name, now);
         }
     }
 
@@ -518,6 +663,11 @@ impl<S: Spawner> Supervisor<S> {
         if let Some(name) = name {
             let oom = self.cgroups.exited(&name, now);
             self.dispatch(&name, machine::Event::Exited { how, oom }, now);
+        } else if let Some(name) = self.strays.remove(&pid) {
+            self.stray_gone(&name, now);
+        } else if self.in_flight > 0 {
+            // Its spawner thread's answer is still on its way.
+            self.parked.insert(pid, how);
         }
     }
 
@@ -657,4 +807,27 @@ impl<S: Spawner> Supervisor<S> {
             &format!("reload: {added} added, {removed} removed, {changed} changed"),
         );
     }
+}
+
+impl<S: Spawner + Clone + Send + 'static> Supervisor<S> {
+    /// Spawn on `threads` spawner threads ([`pool`]) instead of the event loop; their
+    /// answers come on `events`, the channel [`Supervisor::run`] reads. If no thread can
+    /// be started, says so and spawns on the loop.
+    pub fn with_spawn_threads(mut self, threads: usize, events: &Sender<Event>) -> Self {
+        match pool::Pool::start(&self.spawner, threads, events) {
+            Ok(p) => self.pool = Some(p),
+            Err(e) => self.log.line(
+                4,
+                &format!("cannot start the spawner threads: {e}; spawning on the event loop"),
+            ),
+        }
+        self
+    }
+}
+
+fn unix_now() -> Option<f64> {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs_f64())
 }

@@ -59,6 +59,7 @@ pub trait Spawner {
 }
 
 /// The real spawner: fork + exec of `/proc/self/exe run-vm`.
+#[derive(Clone)]
 pub struct ProcessSpawner {
     exe: PathBuf,
 }

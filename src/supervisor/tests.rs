@@ -410,3 +410,178 @@ fn typed_exits_reach_the_log_and_the_status() {
     );
     assert_eq!(h.status("a").unwrap().state, VmState::Stopped);
 }
+
+/// A spawner for the spawner threads: clones share their record; a spawn of VM `slow`
+/// blocks until the test opens the gate.
+#[derive(Clone, Default)]
+struct SlowSpawner {
+    next_pid: Arc<Mutex<u32>>,
+    signals: Arc<Mutex<Vec<(u32, Signal)>>>,
+    gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl SlowSpawner {
+    fn open_gate(&self) {
+        *self.gate.0.lock().unwrap() = true;
+        self.gate.1.notify_all();
+    }
+}
+
+impl Spawner for SlowSpawner {
+    fn spawn(&mut self, req: &SpawnRequest<'_>) -> std::io::Result<u32> {
+        if req.spec.name == "slow" {
+            let mut open = self.gate.0.lock().unwrap();
+            while !*open {
+                open = self.gate.1.wait(open).unwrap();
+            }
+        }
+        let mut next = self.next_pid.lock().unwrap();
+        *next += 1;
+        Ok(2000 + *next)
+    }
+
+    fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
+        self.signals.lock().unwrap().push((pid, sig));
+        Ok(())
+    }
+}
+
+/// A supervisor spawning on `threads` spawner threads, its event channel and its log.
+fn threaded(
+    specs: Vec<VmSpec>,
+    spawner: &SlowSpawner,
+    threads: usize,
+) -> (
+    Supervisor<SlowSpawner>,
+    Receiver<Event>,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let event_log = EventLog {
+        tty: true,
+        captured: Some(log.clone()),
+    };
+    let source = FleetSource {
+        dir: "/nonexistent".into(),
+        settings: None,
+        default_log_dir: "/nonexistent/log".into(),
+        host_memory_mib: None,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sup = Supervisor::new(source, settings(), specs, spawner.clone(), event_log)
+        .with_spawn_threads(threads, &tx);
+    assert!(sup.pool.is_some());
+    (sup, rx, log)
+}
+
+/// The next spawner thread's answer (a generous deadline: a loaded host).
+fn next_done(rx: &Receiver<Event>) -> pool::Done {
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Event::Spawned(done)) => *done,
+        Ok(_) => panic!("an event other than a spawn answer"),
+        Err(e) => panic!("no spawn answer: {e}"),
+    }
+}
+
+#[test]
+fn exits_and_a_stop_are_handled_while_a_spawn_is_pending() {
+    let spawner = SlowSpawner::default();
+    let (mut sup, rx, log) = threaded(vec![spec("a", 16), spec("slow", 16)], &spawner, 2);
+    let t0 = Instant::now();
+    sup.start_all(t0);
+    // Nothing answered on the loop: both are asked of the threads.
+    assert_eq!(sup.in_flight, 2);
+    let done = next_done(&rx);
+    assert_eq!(done.name, "a");
+    sup.on_spawn_done(done, t0);
+    let a = sup.status().into_iter().find(|s| s.name == "a").unwrap();
+    let a_pid = a.pid.expect("a runs");
+    // `slow` is still being spawned (its thread blocks); `a` crashes meanwhile.
+    let slow = sup.status().into_iter().find(|s| s.name == "slow").unwrap();
+    assert_eq!((slow.state, slow.pid), (VmState::Starting, None));
+    sup.on_child_exit(a_pid, ChildExit::Signal(9), t0 + Duration::from_millis(10));
+    let a = sup.status().into_iter().find(|s| s.name == "a").unwrap();
+    assert_eq!(a.state, VmState::Backoff);
+    assert_eq!(a.last_exit, Some(ChildExit::Signal(9)));
+    // A stop, still while `slow` is pending: handled now, not after the spawn.
+    sup.begin_stop(t0 + Duration::from_millis(20));
+    assert!(
+        sup.status().iter().all(|s| s.state == VmState::Stopped),
+        "{:?}",
+        sup.status()
+    );
+    assert!(!sup.all_stopped(), "a spawn is still pending");
+    // The late child is killed as soon as its pid is known, and waited for.
+    spawner.open_gate();
+    let done = next_done(&rx);
+    assert_eq!(done.name, "slow");
+    let slow_pid = *done.result.as_ref().expect("a pid");
+    sup.on_spawn_done(done, t0 + Duration::from_millis(30));
+    assert!(
+        spawner
+            .signals
+            .lock()
+            .unwrap()
+            .contains(&(slow_pid, Signal::SIGKILL))
+    );
+    assert_eq!(sup.status().iter().filter(|s| s.pid.is_some()).count(), 0);
+    assert!(!sup.all_stopped(), "the late child is not reaped yet");
+    sup.on_child_exit(
+        slow_pid,
+        ChildExit::Signal(9),
+        t0 + Duration::from_millis(40),
+    );
+    assert!(sup.all_stopped());
+    let log = log.lock().unwrap();
+    assert!(log.iter().any(|l| l.starts_with("vm a: exited")), "{log:?}");
+}
+
+#[test]
+fn an_exit_reaped_before_its_spawn_answer_is_kept_for_it() {
+    let spawner = SlowSpawner::default();
+    let (mut sup, rx, log) = threaded(vec![spec("a", 16)], &spawner, 1);
+    let t0 = Instant::now();
+    sup.start_all(t0);
+    let done = next_done(&rx);
+    let pid = *done.result.as_ref().expect("a pid");
+    // waitpid saw the child die before the loop read the thread's answer.
+    sup.on_child_exit(pid, ChildExit::Signal(9), t0);
+    sup.on_spawn_done(done, t0);
+    let a = sup.status().into_iter().find(|s| s.name == "a").unwrap();
+    assert_eq!((a.state, a.pid), (VmState::Backoff, None));
+    assert_eq!(a.last_exit, Some(ChildExit::Signal(9)));
+    assert!(sup.parked.is_empty());
+    let log = log.lock().unwrap();
+    assert!(
+        log.contains(&format!("vm a: starting (pid {pid})")),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn an_edit_during_a_spawn_starts_the_new_spec() {
+    let spawner = SlowSpawner::default();
+    let (mut sup, rx, _log) = threaded(vec![spec("a", 16)], &spawner, 1);
+    let t0 = Instant::now();
+    sup.start_all(t0);
+    sup.apply_reload_at(Ok((settings(), vec![spec("a", 32)])), t0);
+    // The first child has the old spec: killed, and a second one asked for.
+    let done = next_done(&rx);
+    let old = *done.result.as_ref().expect("a pid");
+    sup.on_spawn_done(done, t0);
+    assert!(
+        spawner
+            .signals
+            .lock()
+            .unwrap()
+            .contains(&(old, Signal::SIGKILL))
+    );
+    let done = next_done(&rx);
+    assert_eq!(done.spec.memory_mib, 32);
+    let new = *done.result.as_ref().expect("a pid");
+    sup.on_spawn_done(done, t0);
+    assert_eq!(sup.status()[0].pid, Some(new));
+    sup.on_child_exit(old, ChildExit::Signal(9), t0);
+    assert!(sup.strays.is_empty());
+    assert_eq!(sup.status()[0].pid, Some(new));
+}
