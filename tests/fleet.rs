@@ -412,3 +412,49 @@ fn a_restart_uses_the_validated_spec_not_an_unreloaded_edit() {
     );
     assert!(alive(fleet.pid_of("e")));
 }
+
+#[test]
+fn sigterm_during_a_large_start_up_ends_the_fleet_and_leaves_no_child() {
+    // Spawns run on spawner threads: a SIGTERM while many are queued or under way is
+    // handled at once; children whose spawn answer comes after it are killed and reaped.
+    if !kvm_available("fleet::sigterm_during_a_large_start_up") {
+        return;
+    }
+    let dir = scratch("fleet60");
+    for i in 0..60 {
+        vm_file(&dir, &format!("vm{i:02}"), "idle", FAST);
+    }
+    let mut fleet = Fleet::up(&dir);
+    assert!(
+        fleet.wait_for(Duration::from_secs(20), |f| f.count("starting (pid") >= 1),
+        "no VM started; log:\n{}",
+        fleet.log()
+    );
+    let t = Instant::now();
+    fleet.signal(Signal::SIGTERM);
+    let st = wait_with_limit(&mut fleet.child, Duration::from_secs(20));
+    let took = t.elapsed();
+    assert_eq!(st.code(), Some(0), "log:\n{}", fleet.log());
+    let log = fleet.log();
+    let started = log.matches("starting (pid").count();
+    assert!(
+        took < Duration::from_secs(10),
+        "stop took {took:?} ({started} of 60 started); log:\n{log}"
+    );
+    // Every child it ever started is gone (a zombie awaiting PID 1 counts as gone).
+    let pids: Vec<u32> = log
+        .match_indices("starting (pid ")
+        .filter_map(|(i, m)| {
+            let rest = &log[i + m.len()..];
+            rest[..rest.find(')')?].parse().ok()
+        })
+        .collect();
+    assert_eq!(pids.len(), started);
+    eprintln!("stopped in {took:?} with {started} of 60 started");
+    assert!(
+        wait_until(Duration::from_secs(10), || pids.iter().all(|p| !alive(*p))
+            && fleet_processes(&dir).is_empty()),
+        "left: {:?}",
+        fleet_processes(&dir)
+    );
+}
