@@ -1,11 +1,13 @@
 //! The fleet supervisor: one child process per VM, reaped on SIGCHLD, restarted under
 //! each VM's policy, stopped cleanly on SIGTERM/SIGINT, reloaded on SIGHUP.
 //!
-//! The loop waits on one channel of [`Event`]s, fed by a signal thread (signal-hook) and
-//! by the worker thread of a reload (whose reading of the directory, whatever it holds,
-//! never delays signals and reaping), with a timeout set to the next timer (a backoff,
-//! a settle time, a kill deadline, systemd's watchdog): no polling. Children's output
-//! goes to the output thread ([`output`]), never through the loop.
+//! The loop waits on one channel of [`Event`]s, fed by a signal thread (signal-hook), by
+//! the worker thread of a reload (whose reading of the directory, whatever it holds,
+//! never delays signals and reaping) and by the spawner threads ([`pool`]: the fork and
+//! exec of thousands of children never delay them either), with a timeout set to the
+//! next timer (a backoff, a settle time, a kill deadline, systemd's watchdog): no
+//! polling. Children's output goes to the output thread ([`output`]), never through the
+//! loop.
 //!
 //! Each VM's lifecycle is its state machine's ([`machine`]): the loop only turns OS
 //! events (a reaped child with its typed exit, a due timer, a reload's result, a stop)

@@ -418,6 +418,8 @@ struct SlowSpawner {
     next_pid: Arc<Mutex<u32>>,
     signals: Arc<Mutex<Vec<(u32, Signal)>>>,
     gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    /// A spawn of `slow` is under way (blocked at the gate).
+    entered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SlowSpawner {
@@ -430,6 +432,8 @@ impl SlowSpawner {
 impl Spawner for SlowSpawner {
     fn spawn(&mut self, req: &SpawnRequest<'_>) -> std::io::Result<u32> {
         if req.spec.name == "slow" {
+            self.entered
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             let mut open = self.gate.0.lock().unwrap();
             while !*open {
                 open = self.gate.1.wait(open).unwrap();
@@ -503,7 +507,12 @@ fn exits_and_a_stop_are_handled_while_a_spawn_is_pending() {
     let a = sup.status().into_iter().find(|s| s.name == "a").unwrap();
     assert_eq!(a.state, VmState::Backoff);
     assert_eq!(a.last_exit, Some(ChildExit::Signal(9)));
-    // A stop, still while `slow` is pending: handled now, not after the spawn.
+    // A stop, while `slow`'s spawn is under way: handled now, not after the spawn.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !spawner.entered.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "slow's spawn never began");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     sup.begin_stop(t0 + Duration::from_millis(20));
     assert!(
         sup.status().iter().all(|s| s.state == VmState::Stopped),
