@@ -154,6 +154,9 @@ pub enum Event {
     Spawned(Box<pool::Done>),
 }
 
+/// Most events the loop takes in one round before it reaps, runs timers and publishes.
+const EVENT_BATCH: usize = 256;
+
 /// Where a reload stands: its load runs off the event loop, so that reading a
 /// directory (whatever it holds) never delays signals and reaping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,9 +370,15 @@ impl<S: Spawner> Supervisor<S> {
                 d.saturating_duration_since(Instant::now())
             });
             match events.recv_timeout(timeout) {
-                Ok(Event::Signal(sig)) => self.on_signal(sig),
-                Ok(Event::Loaded(loaded)) => self.on_loaded(*loaded),
-                Ok(Event::Spawned(done)) => self.on_spawn_done(*done, Instant::now()),
+                Ok(event) => {
+                    self.on_loop_event(event);
+                    // What else is queued (a burst of spawn answers at start-up) goes in
+                    // the same round: one reap and one publish for the batch, not one
+                    // per event (a publish walks every VM).
+                    for event in events.try_iter().take(EVENT_BATCH) {
+                        self.on_loop_event(event);
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     if !self.stopping {
@@ -390,6 +399,14 @@ impl<S: Spawner> Supervisor<S> {
                 self.log.line(6, "every VM stopped; exiting");
                 return 0;
             }
+        }
+    }
+
+    fn on_loop_event(&mut self, event: Event) {
+        match event {
+            Event::Signal(sig) => self.on_signal(sig),
+            Event::Loaded(loaded) => self.on_loaded(*loaded),
+            Event::Spawned(done) => self.on_spawn_done(*done, Instant::now()),
         }
     }
 
