@@ -157,6 +157,9 @@ pub enum Event {
 /// Most events the loop takes in one round before it reaps, runs timers and publishes.
 const EVENT_BATCH: usize = 256;
 
+/// While spawns are under way, the most often the loop publishes.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+
 /// Where a reload stands: its load runs off the event loop, so that reading a
 /// directory (whatever it holds) never delays signals and reaping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,6 +364,7 @@ impl<S: Spawner> Supervisor<S> {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         // systemd's watchdog (WatchdogSec=) is armed once READY=1 is sent.
         let mut watchdog = watchdog::Watchdog::from_env(Instant::now());
+        let mut published = Instant::now();
         loop {
             if let Some(w) = watchdog.as_mut() {
                 w.ping_if_due(Instant::now());
@@ -390,7 +394,13 @@ impl<S: Spawner> Supervisor<S> {
             }
             self.reap();
             self.on_timers(Instant::now());
-            self.publish();
+            // While spawns are under way (thousands at start-up, answered one by one),
+            // at most one publish (a walk over every VM) per PUBLISH_EVERY; the last
+            // answer publishes for sure.
+            if self.in_flight == 0 || published.elapsed() >= PUBLISH_EVERY {
+                self.publish();
+                published = Instant::now();
+            }
             if self.all_stopped() {
                 for dir in self.cgroups.remove_all() {
                     self.log
