@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -256,15 +255,7 @@ fn a_table_that_cannot_be_made_is_logged_and_its_vm_runs_without_one() {
     )
     .and_then(TryInto::try_into)
     .expect("filter");
-    let mut cmd = Command::new(bin());
-    cmd.arg("up")
-        .arg(&dir)
-        .arg("--log-dir")
-        .arg(dir.join("logs"))
-        .arg("--metrics-address")
-        .arg("127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = common::fleet::up_command(&dir);
     // SAFETY: between fork and exec only prctl(2) and seccomp(2) run, on a program made
     // before the fork; nothing allocates or takes a lock.
     unsafe {

@@ -19,12 +19,7 @@ fn value(addr: SocketAddr, series: &str) -> Option<f64> {
     if status != 200 {
         return None;
     }
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
+    metric_value(&text, series)
 }
 
 fn vm_file(dir: &Path, memory_mib: u64) {

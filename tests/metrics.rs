@@ -31,12 +31,7 @@ fn scrape(addr: SocketAddr) -> String {
 
 /// Value of the series whose line starts with `series` (name plus labels, as printed).
 fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
+    metric_value(text, series)
 }
 
 fn vm_file(dir: &Path, name: &str, vcpus: u8, builtin: &str, restart: &str) {

@@ -167,3 +167,14 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16,
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Value of the series whose line in `text` (a /metrics page) starts with `series`
+/// (name plus labels, as printed).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
