@@ -544,7 +544,7 @@ fn a_process_of_the_supervisors_user_cannot_reach_into_it() {
             .args(args);
         c
     };
-    let child = as_nobody(&[bin(), "up"])
+    let child = as_nobody(&[&bin_for_others().to_string_lossy(), "up"])
         .arg(&dir)
         .arg("--log-dir")
         .arg(dir.join("logs"))

@@ -428,7 +428,7 @@ fn without_a_writable_hierarchy_up_says_so_once_and_still_starts_the_vms() {
     );
     let nobody = 65534;
     nix::unistd::chown(&dir, Some(nobody.into()), Some(nobody.into())).unwrap();
-    let mut cmd = up_command(&dir);
+    let mut cmd = common::fleet::up_command_of(bin_for_others(), &dir);
     cmd.uid(nobody).gid(nobody);
     let mut fleet = Running(Fleet::spawn(cmd));
     // Each VM is started (and, without /dev/kvm access, fails and is restarted): the

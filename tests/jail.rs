@@ -407,7 +407,10 @@ fn a_fifo_swapped_in_for_the_kernel_or_initrd_fails_the_child_with_exit_5() {
 }
 
 fn validate_as(dir: &Path, uid: Option<(u32, u32)>) -> (Option<i32>, String) {
-    let mut cmd = Command::new(bin());
+    let mut cmd = match uid {
+        Some(_) => Command::new(bin_for_others()),
+        None => Command::new(bin()),
+    };
     cmd.arg("validate").arg(dir);
     if let Some((u, g)) = uid {
         cmd.uid(u).gid(g);

@@ -22,7 +22,12 @@ pub struct Fleet {
 /// /dev/null, stderr piped: for a test to add to (a uid, a pre_exec, ...) before
 /// [`Fleet::spawn`].
 pub fn up_command(dir: &Path) -> Command {
-    let mut cmd = Command::new(bin());
+    up_command_of(Path::new(bin()), dir)
+}
+
+/// [`up_command`] with another copy of the binary (e.g. [`super::bin_for_others`]).
+pub fn up_command_of(bin: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.arg("up")
         .arg(dir)
         .arg("--log-dir")

@@ -24,11 +24,20 @@ pub fn kvm_available(test: &str) -> bool {
     false
 }
 
+/// Where scratch directories go: under /tmp, not in the checkout, because several
+/// tests run processes as another user (`nobody`), who must be able to reach them; a
+/// checkout may sit below a directory only its owner can enter (`mktemp -d` is 0700).
+fn scratch_root() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let root = std::env::temp_dir().join("vmm-fleet-tests");
+    let _ = fs::create_dir_all(&root);
+    let _ = fs::set_permissions(&root, fs::Permissions::from_mode(0o755));
+    root
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("scratch")
-        .join(format!("{name}-{}", std::process::id()));
+    let d = scratch_root().join(format!("{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&d);
     fs::create_dir_all(&d).expect("scratch dir");
     d
@@ -37,6 +46,28 @@ pub fn scratch(name: &str) -> PathBuf {
 /// The vmm-fleet binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vmm-fleet")
+}
+
+/// The binary under test, copied where another user (`nobody`) may execute it: the
+/// checkout may sit below a directory only its owner can enter. Copied by `cp`, so no
+/// write fd of this (multi-threaded, forking) process can make an exec fail with
+/// ETXTBSY.
+pub fn bin_for_others() -> &'static Path {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = scratch_root().join(format!("bin-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("bin dir");
+        let dst = dir.join("vmm-fleet");
+        let ok = Command::new("cp")
+            .arg(bin())
+            .arg(&dst)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "cp {} {}", bin(), dst.display());
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod bin");
+        dst
+    })
 }
 
 /// Write a VM file for a built-in guest whose console goes to `<dir>/<name>.console`.
