@@ -74,6 +74,10 @@ enum Command {
         /// inherited fd.
         #[arg(long)]
         counters_fd: Option<i32>,
+        /// The control channel the supervisor made for this VM, as an inherited fd
+        /// (a SOCK_SEQPACKET socket; EOF on it stops the VM).
+        #[arg(long)]
+        control_fd: Option<i32>,
         /// Run the VM as this uid (set by a supervisor running as root).
         #[arg(long, requires = "gid")]
         uid: Option<u32>,
@@ -124,6 +128,7 @@ fn main() -> ProcessExit {
             supervisor_pid,
             settings,
             counters_fd,
+            control_fd,
             uid,
             gid,
             kvm_gid,
@@ -136,6 +141,7 @@ fn main() -> ProcessExit {
                 supervisor_pid,
                 settings: settings.as_deref(),
                 counters_fd,
+                control_fd,
                 ids,
                 spec_stdin,
                 seccomp: seccomp.into(),
@@ -301,6 +307,9 @@ struct RunVmArgs<'a> {
     supervisor_pid: Option<u32>,
     settings: Option<&'a Path>,
     counters_fd: Option<i32>,
+    /// Not read yet: the child's side of the channel comes next.
+    #[allow(dead_code)]
+    control_fd: Option<i32>,
     ids: Option<Ids>,
     spec_stdin: bool,
     seccomp: SeccompMode,

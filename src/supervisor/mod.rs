@@ -16,6 +16,7 @@
 //! spawner and a fake clock (`tests.rs`).
 
 pub mod cgroup;
+pub mod channel;
 pub mod machine;
 pub mod output;
 pub mod policy;
@@ -123,6 +124,8 @@ struct Vm {
     start_unix: Option<f64>,
     /// The ticket of the spawn asked of the spawner threads and not answered yet.
     pending: Option<u64>,
+    /// The current child's control channel (None: no child, or one without a channel).
+    channel: Option<Arc<channel::ChildChannel>>,
 }
 
 impl Vm {
@@ -133,6 +136,7 @@ impl Vm {
             table,
             start_unix: None,
             pending: None,
+            channel: None,
         }
     }
 }
@@ -563,9 +567,10 @@ impl<S: Spawner> Supervisor<S> {
             }
         };
         Some(match spawned {
-            Ok(pid) => {
+            Ok(child) => {
                 vm.start_unix = unix_now();
-                machine::Event::Spawned { pid }
+                vm.channel = child.channel;
+                machine::Event::Spawned { pid: child.pid }
             }
             Err(e) => {
                 self.cgroups.exited(name, now);
@@ -595,23 +600,25 @@ impl<S: Spawner> Supervisor<S> {
                 .get(&name)
                 .is_some_and(|v| *v.machine.state() == machine::State::Spawning);
         match done.result {
-            Ok(pid)
+            Ok(child)
                 if waiting
                     && self
                         .vms
                         .get(&name)
                         .is_some_and(|v| *v.machine.spec() == done.spec) =>
             {
+                let pid = child.pid;
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.start_unix = unix_now();
+                    vm.channel = child.channel;
                 }
                 self.dispatch(&name, machine::Event::Spawned { pid }, now);
                 if let Some(how) = self.parked.remove(&pid) {
                     self.on_child_exit(pid, how, now);
                 }
             }
-            Ok(pid) => {
-                self.stray(&name, pid, now);
+            Ok(child) => {
+                self.stray(&name, child.pid, now);
                 if waiting {
                     // Edited while its spawn ran: start it again with the new spec.
                     if let Some(event) = self.spawn(&name, now) {
@@ -690,6 +697,9 @@ impl<S: Spawner> Supervisor<S> {
             .find(|(_, v)| v.machine.pid() == Some(pid))
             .map(|(n, _)| n.clone());
         if let Some(name) = name {
+            if let Some(vm) = self.vms.get_mut(&name) {
+                vm.channel = None;
+            }
             let oom = self.cgroups.exited(&name, now);
             self.dispatch(&name, machine::Event::Exited { how, oom }, now);
         } else if let Some(name) = self.strays.remove(&pid) {

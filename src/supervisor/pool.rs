@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use super::Event;
 use super::cgroup::Placement;
 use super::output::{Limits, OutputHub};
-use super::spawn::{SpawnRequest, Spawner};
+use super::spawn::{Child, SpawnRequest, Spawner};
 use crate::config::{VmSpec, VmUser};
 
 /// One spawn, with everything it needs owned (it crosses to a spawner thread).
@@ -47,7 +47,7 @@ pub struct Job {
 }
 
 impl Job {
-    fn run<S: Spawner>(&self, spawner: &mut S) -> io::Result<u32> {
+    fn run<S: Spawner>(&self, spawner: &mut S) -> io::Result<Child> {
         let req = SpawnRequest {
             spec: &self.spec,
             settings: self.settings.as_deref(),
@@ -70,8 +70,8 @@ pub struct Done {
     pub ticket: u64,
     /// The spec it was started with.
     pub spec: VmSpec,
-    /// The child's pid, or why there is none.
-    pub result: io::Result<u32>,
+    /// The child, or why there is none.
+    pub result: io::Result<Child>,
 }
 
 /// The pool's handle: jobs go in, [`Event::Spawned`] comes back on the event channel.
@@ -139,10 +139,10 @@ fn worker<S: Spawner>(
         };
         if let Err(e) = events.send(Event::Spawned(Box::new(done)))
             && let Event::Spawned(done) = e.0
-            && let Ok(pid) = done.result
+            && let Ok(child) = done.result
         {
             // No loop to hear of it: the child must not run unsupervised.
-            let _ = spawner.signal(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = spawner.signal(child.pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -2,15 +2,16 @@
 //! can be driven by a fake in tests; the supervisor's half of each child's jail.
 //!
 //! A child is this same binary re-executed as `run-vm --vm NAME --supervisor-pid PID
-//! --spec-stdin --counters-fd 3 [--uid U --gid G [--kvm-gid K]] FILE`, so `ps` shows
+//! --spec-stdin --counters-fd 3 --control-fd 4 [--uid U --gid G [--kvm-gid K]] FILE`, so `ps` shows
 //! which process runs which VM. It gets the spec exactly as the supervisor validated it
 //! on stdin (an edit to FILE takes effect only through a reload). Its stdout (the
 //! console) and stderr (its log) are pipes read by the supervisor's output thread
 //! ([`super::output`]), which writes `LOG_DIR/NAME.console` and `.log`.
 //!
 //! Between fork and exec (`ChildSetup`) the child gets its own session (signals to the
-//! supervisor's process group or terminal never reach it), its counter table at fd 3
-//! and every other inherited fd but 0, 1, 2 closed at exec; it starts with an empty
+//! supervisor's process group or terminal never reach it), its counter table at fd 3,
+//! its control channel ([`super::channel`]) at fd 4 and every other inherited fd but 0,
+//! 1, 2 closed at exec; it starts with an empty
 //! environment. The rest of the jail (user, rlimits, no_new_privs, not dumpable) is done
 //! by the child itself once it has opened what its VM needs (`vm::jail`).
 
@@ -24,10 +25,13 @@ use nix::fcntl::{FcntlArg, fcntl};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use std::sync::Arc;
+
 use super::cgroup::Placement;
+use super::channel::ChildChannel;
 use super::output::{Limits, OutputHub};
 use crate::config::{VmSpec, VmUser};
-use crate::protocol::COUNTERS_FD;
+use crate::protocol::{CONTROL_FD, COUNTERS_FD};
 
 /// What a spawner needs to start one VM.
 pub struct SpawnRequest<'a> {
@@ -50,10 +54,19 @@ pub struct SpawnRequest<'a> {
     pub seccomp: bool,
 }
 
+/// A child just started.
+#[derive(Debug, Clone)]
+pub struct Child {
+    /// Its pid.
+    pub pid: u32,
+    /// The supervisor's end of its control channel (None: a spawner without one).
+    pub channel: Option<Arc<ChildChannel>>,
+}
+
 /// Starts and signals VM children.
 pub trait Spawner {
-    /// Start the child; returns its pid.
-    fn spawn(&mut self, req: &SpawnRequest<'_>) -> io::Result<u32>;
+    /// Start the child.
+    fn spawn(&mut self, req: &SpawnRequest<'_>) -> io::Result<Child>;
     /// Send `sig` to child `pid`.
     fn signal(&mut self, pid: u32, sig: Signal) -> io::Result<()>;
 }
@@ -82,6 +95,9 @@ impl ProcessSpawner {
         if setup.table.is_some() {
             cmd.arg("--counters-fd").arg(COUNTERS_FD.to_string());
         }
+        if setup.control.is_some() {
+            cmd.arg("--control-fd").arg(CONTROL_FD.to_string());
+        }
         if !req.seccomp {
             cmd.arg("--seccomp").arg("off");
         }
@@ -99,9 +115,9 @@ impl ProcessSpawner {
     }
 }
 
-/// The lowest fd the table is copied to before the fork: above 0..=2 (which the child's
-/// stdio setup overwrites) and above [`COUNTERS_FD`], so the move to fd 3 never clobbers
-/// anything the child keeps.
+/// The lowest fd the table and the channel are copied to before the fork: above 0..=2
+/// (which the child's stdio setup overwrites) and above [`COUNTERS_FD`] and
+/// [`CONTROL_FD`], so the moves to fds 3 and 4 never clobber anything the child keeps.
 const TABLE_COPY_MIN_FD: RawFd = 10;
 
 /// What a child does between fork and exec. Only async-signal-safe calls (raw system
@@ -110,6 +126,8 @@ const TABLE_COPY_MIN_FD: RawFd = 10;
 struct ChildSetup {
     /// The counter table's fd in the supervisor (>= [`TABLE_COPY_MIN_FD`]).
     table: Option<RawFd>,
+    /// The child's end of its control channel (>= [`TABLE_COPY_MIN_FD`]).
+    control: Option<RawFd>,
 }
 
 impl ChildSetup {
@@ -129,8 +147,11 @@ impl ChildSetup {
                 // dup2 leaves the new fd without close-on-exec.
                 check(libc::dup2(fd, COUNTERS_FD))?;
             }
+            if let Some(fd) = self.control {
+                check(libc::dup2(fd, CONTROL_FD))?;
+            }
         }
-        close_from_at_exec(COUNTERS_FD + 1)
+        close_from_at_exec(CONTROL_FD + 1)
     }
 }
 
@@ -167,7 +188,7 @@ fn close_from_at_exec(first: RawFd) -> io::Result<()> {
 }
 
 impl Spawner for ProcessSpawner {
-    fn spawn(&mut self, req: &SpawnRequest<'_>) -> io::Result<u32> {
+    fn spawn(&mut self, req: &SpawnRequest<'_>) -> io::Result<Child> {
         // Files checked and opened, pipes made, before anything starts.
         let mut output = req
             .output
@@ -190,8 +211,16 @@ impl Spawner for ProcessSpawner {
                 Ok::<_, nix::Error>(unsafe { OwnedFd::from_raw_fd(copy) })
             })
             .transpose()?;
+        let (channel, theirs) = ChildChannel::pair()?;
+        // Above the child's fds 0..=4 too, for the same reason as the table.
+        let theirs = {
+            let copy = fcntl(&theirs, FcntlArg::F_DUPFD_CLOEXEC(TABLE_COPY_MIN_FD))?;
+            // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(copy) }
+        };
         let setup = ChildSetup {
             table: table.as_ref().map(|fd| fd.as_raw_fd()),
+            control: Some(theirs.as_raw_fd()),
         };
         let mut cmd = self.command(req, &setup);
         cmd.stdin(Stdio::piped());
@@ -217,6 +246,7 @@ impl Spawner for ProcessSpawner {
         unsafe { cmd.pre_exec(move || setup.apply()) };
         let child = cmd.spawn()?;
         drop(table);
+        drop(theirs);
         // The Command held the pipes' write ends: dropped with it, only the child has them.
         drop(cmd);
         let pid = child.id();
@@ -232,7 +262,10 @@ impl Spawner for ProcessSpawner {
             // died already just makes this fail; its exit is reaped as usual.
             let _ = stdin.write_all(spec.as_bytes());
         }
-        Ok(pid)
+        Ok(Child {
+            pid,
+            channel: Some(Arc::new(channel)),
+        })
     }
 
     fn signal(&mut self, pid: u32, sig: Signal) -> io::Result<()> {

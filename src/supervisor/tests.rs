@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::spawn::{SpawnRequest, Spawner};
+use super::spawn::{Child, SpawnRequest, Spawner};
 use super::*;
 use crate::protocol::ExitCode;
 
@@ -22,7 +22,7 @@ struct FakeSpawner {
 }
 
 impl Spawner for FakeSpawner {
-    fn spawn(&mut self, req: &SpawnRequest<'_>) -> std::io::Result<u32> {
+    fn spawn(&mut self, req: &SpawnRequest<'_>) -> std::io::Result<Child> {
         if let Some(e) = &self.fail {
             return Err(std::io::Error::other(e.clone()));
         }
@@ -30,7 +30,7 @@ impl Spawner for FakeSpawner {
         self.next_pid += 1;
         self.spawned
             .push((req.spec.name.clone(), req.spec.memory_mib, pid));
-        Ok(pid)
+        Ok(Child { pid, channel: None })
     }
 
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
@@ -430,7 +430,7 @@ impl SlowSpawner {
 }
 
 impl Spawner for SlowSpawner {
-    fn spawn(&mut self, req: &SpawnRequest<'_>) -> std::io::Result<u32> {
+    fn spawn(&mut self, req: &SpawnRequest<'_>) -> std::io::Result<Child> {
         if req.spec.name == "slow" {
             self.entered
                 .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -441,7 +441,10 @@ impl Spawner for SlowSpawner {
         }
         let mut next = self.next_pid.lock().unwrap();
         *next += 1;
-        Ok(2000 + *next)
+        Ok(Child {
+            pid: 2000 + *next,
+            channel: None,
+        })
     }
 
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
@@ -524,7 +527,7 @@ fn exits_and_a_stop_are_handled_while_a_spawn_is_pending() {
     spawner.open_gate();
     let done = next_done(&rx);
     assert_eq!(done.name, "slow");
-    let slow_pid = *done.result.as_ref().expect("a pid");
+    let slow_pid = done.result.as_ref().expect("a pid").pid;
     sup.on_spawn_done(done, t0 + Duration::from_millis(30));
     assert!(
         spawner
@@ -552,7 +555,7 @@ fn an_exit_reaped_before_its_spawn_answer_is_kept_for_it() {
     let t0 = Instant::now();
     sup.start_all(t0);
     let done = next_done(&rx);
-    let pid = *done.result.as_ref().expect("a pid");
+    let pid = done.result.as_ref().expect("a pid").pid;
     // waitpid saw the child die before the loop read the thread's answer.
     sup.on_child_exit(pid, ChildExit::Signal(9), t0);
     sup.on_spawn_done(done, t0);
@@ -576,7 +579,7 @@ fn an_edit_during_a_spawn_starts_the_new_spec() {
     sup.apply_reload_at(Ok((settings(), vec![spec("a", 32)])), t0);
     // The first child has the old spec: killed, and a second one asked for.
     let done = next_done(&rx);
-    let old = *done.result.as_ref().expect("a pid");
+    let old = done.result.as_ref().expect("a pid").pid;
     sup.on_spawn_done(done, t0);
     assert!(
         spawner
@@ -587,7 +590,7 @@ fn an_edit_during_a_spawn_starts_the_new_spec() {
     );
     let done = next_done(&rx);
     assert_eq!(done.spec.memory_mib, 32);
-    let new = *done.result.as_ref().expect("a pid");
+    let new = done.result.as_ref().expect("a pid").pid;
     sup.on_spawn_done(done, t0);
     assert_eq!(sup.status()[0].pid, Some(new));
     sup.on_child_exit(old, ChildExit::Signal(9), t0);
