@@ -104,6 +104,32 @@ pub struct BuiltinSpec {
     pub io_exits: u64,
     /// Heartbeat period in milliseconds (1..=60000).
     pub heartbeat_ms: u32,
+    /// What the guest does with bytes it receives on its UART (`console:`; only with
+    /// `then: idle`). Absent on the wire from an older supervisor: quiet.
+    #[serde(default)]
+    pub console: BuiltinConsole,
+}
+
+/// What the builtin guest does with console input (`builtin.console`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuiltinConsole {
+    /// Reads nothing: input bytes wait in the UART's FIFO (default).
+    #[default]
+    Quiet,
+    /// Every byte received on the UART is written back (a typed line appears on the
+    /// console).
+    Echo,
+}
+
+impl BuiltinConsole {
+    /// The YAML spelling: `"quiet"` or `"echo"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BuiltinConsole::Quiet => "quiet",
+            BuiltinConsole::Echo => "echo",
+        }
+    }
 }
 
 impl Default for BuiltinSpec {
@@ -112,6 +138,7 @@ impl Default for BuiltinSpec {
             then: BuiltinThen::Poweroff,
             io_exits: 0,
             heartbeat_ms: 1000,
+            console: BuiltinConsole::Quiet,
         }
     }
 }

@@ -112,7 +112,8 @@ restart:
         BuiltinSpec {
             then: BuiltinThen::Crash,
             io_exits: 12345,
-            heartbeat_ms: 250
+            heartbeat_ms: 250,
+            console: BuiltinConsole::Quiet,
         }
     );
     assert_eq!(
@@ -182,6 +183,37 @@ fn builtin_then_and_policy_spellings() {
     let ps = problems_of(VmSpec::from_yaml(&text, Path::new("a.yaml")));
     assert_eq!(keys(&ps), ["restart.policy"], "{ps:?}");
     assert!(ps[0].reason.contains("unknown variant"), "{ps:?}");
+}
+
+#[test]
+fn builtin_console_echo_needs_the_idle_guest() {
+    let text = format!("{MINIMAL}builtin:\n  then: idle\n  console: echo\n");
+    let spec = VmSpec::from_yaml(&text, Path::new("a.yaml")).expect("valid");
+    assert_eq!(spec.builtin.console, BuiltinConsole::Echo);
+    let text = format!("{MINIMAL}builtin:\n  then: idle\n  console: quiet\n");
+    let spec = VmSpec::from_yaml(&text, Path::new("a.yaml")).expect("valid");
+    assert_eq!(spec.builtin.console, BuiltinConsole::Quiet);
+    for then in ["spin", "poweroff", "flood"] {
+        let text = format!("{MINIMAL}builtin:\n  then: {then}\n  console: echo\n");
+        let ps = problems_of(VmSpec::from_yaml(&text, Path::new("a.yaml")));
+        assert_eq!(keys(&ps), ["builtin.console"], "{ps:?}");
+        assert!(ps[0].reason.contains("then: idle"), "{ps:?}");
+        assert!(ps[0].reason.contains(then), "{ps:?}");
+    }
+    let text = format!("{MINIMAL}builtin:\n  then: idle\n  console: loud\n");
+    let ps = problems_of(VmSpec::from_yaml(&text, Path::new("a.yaml")));
+    assert_eq!(keys(&ps), ["builtin.console"], "{ps:?}");
+    assert!(ps[0].reason.contains("unknown variant"), "{ps:?}");
+}
+
+#[test]
+fn a_wire_spec_without_builtin_console_is_quiet() {
+    // What a supervisor from before `builtin.console` sends its children.
+    let text = "name: w\nvcpus: 1\nmemory_mib: 16\nkernel: builtin\ncmdline: x\nconsole: off\nbuiltin:\n  then: idle\n";
+    let spec = VmSpec::from_yaml(text, Path::new("/x/w.yaml")).unwrap();
+    let wire = spec.to_wire().unwrap().replace("  console: quiet\n", "");
+    assert!(!wire.contains("quiet"), "{wire}");
+    assert_eq!(VmSpec::from_wire(&wire).unwrap(), spec);
 }
 
 #[test]
@@ -1028,7 +1060,7 @@ fn fleet_fixtures_directory() {
 
 #[test]
 fn a_spec_survives_the_wire_to_a_child_unchanged() {
-    let text = "name: w\nvcpus: 3\nmemory_mib: 64\nkernel: builtin\ncmdline: \"a=b c\"\nconsole: off\nbuiltin:\n  then: idle\n  io_exits: 7\n  heartbeat_ms: 250\nrestart:\n  policy: never\n  backoff_multiplier: 1.7\n  backoff_initial_ms: 3\n";
+    let text = "name: w\nvcpus: 3\nmemory_mib: 64\nkernel: builtin\ncmdline: \"a=b c\"\nconsole: off\nbuiltin:\n  then: idle\n  io_exits: 7\n  heartbeat_ms: 250\n  console: echo\nrestart:\n  policy: never\n  backoff_multiplier: 1.7\n  backoff_initial_ms: 3\n";
     let spec = VmSpec::from_yaml(text, Path::new("/x/w.yaml")).unwrap();
     let wire = spec.to_wire().unwrap();
     assert_eq!(VmSpec::from_wire(&wire).unwrap(), spec);

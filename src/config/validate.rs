@@ -15,8 +15,8 @@ use serde_yaml::{Mapping, Value};
 
 use super::files::io_reason;
 use super::{
-    BuiltinSpec, BuiltinThen, ConsoleSpec, DEFAULT_CMDLINE, HEARTBEAT_MS_RANGE, KernelSpec,
-    MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB, Problem,
+    BuiltinConsole, BuiltinSpec, BuiltinThen, ConsoleSpec, DEFAULT_CMDLINE, HEARTBEAT_MS_RANGE,
+    KernelSpec, MAX_CMDLINE_LEN, MAX_MEMORY_MIB, MAX_NAME_LEN, MAX_VCPUS, MIN_MEMORY_MIB, Problem,
     RestartPolicy, RestartSpec, VmSpec,
 };
 
@@ -58,6 +58,8 @@ struct RawBuiltin {
     io_exits: Option<u64>,
     #[serde(default)]
     heartbeat_ms: Option<i64>,
+    #[serde(default)]
+    console: Option<BuiltinConsole>,
 }
 
 /// The `restart:` section as written.
@@ -248,6 +250,7 @@ fn merge(mut vm: RawVm, d: &RawVm) -> (RawVm, Vec<&'static str>) {
             "builtin.heartbeat_ms",
             f,
         );
+        take(&mut b.console, &db.console, "builtin.console", f);
     }
     if let Some(dr) = &d.restart {
         let r = vm.restart.get_or_insert_with(RawRestart::default);
@@ -813,10 +816,22 @@ impl Validator<'_> {
                 u32::try_from(v).unwrap_or(defaults.heartbeat_ms)
             }
         };
+        let then = raw.then.unwrap_or(defaults.then);
+        let console = raw.console.unwrap_or(defaults.console);
+        if console == BuiltinConsole::Echo && then != BuiltinThen::Idle {
+            self.problem(
+                "builtin.console",
+                format!(
+                    "`echo` needs `then: idle` (the guest reads its UART from interrupts, \
+                     which only the idle guest takes), not `then: {then}`"
+                ),
+            );
+        }
         BuiltinSpec {
-            then: raw.then.unwrap_or(defaults.then),
+            then,
             io_exits: raw.io_exits.unwrap_or(defaults.io_exits),
             heartbeat_ms,
+            console,
         }
     }
 

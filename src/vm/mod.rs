@@ -26,7 +26,7 @@ use kvm_ioctls::Kvm;
 use vm_device::DeviceMmio;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConsoleSpec, KernelSpec, VmSpec};
+use crate::config::{BuiltinConsole, ConsoleSpec, KernelSpec, VmSpec};
 use crate::metrics::counters::ExitCounters;
 use crate::protocol::ExitCode;
 use boot::{BootError, ImageFile, KernelImage};
@@ -174,11 +174,12 @@ impl VmParams {
             KernelSpec::Builtin => (
                 Kernel::Builtin,
                 format!(
-                    "{} then={} io_exits={} heartbeat_ms={}",
+                    "{} then={} io_exits={} heartbeat_ms={} echo={}",
                     spec.cmdline,
                     spec.builtin.then.as_str(),
                     spec.builtin.io_exits,
-                    spec.builtin.heartbeat_ms
+                    spec.builtin.heartbeat_ms,
+                    u8::from(spec.builtin.console == BuiltinConsole::Echo),
                 ),
             ),
             KernelSpec::Path(p) => (
