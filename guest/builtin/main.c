@@ -6,10 +6,15 @@
  *    RSI = guest-physical address of the Linux boot_params zero page;
  *  - configuration comes from the kernel command line (key=value tokens):
  *      then=poweroff|reset|crash|spin|idle|flood   io_exits=N   heartbeat_ms=N
- *      touch=ADDR:N   ro_write=ADDR
+ *      echo=0|1   touch=ADDR:N   ro_write=ADDR
  *  - output goes to the 16550 at I/O port 0x3f8, one whole line at a time;
  *  - the BSP writes 0x41 to port 0x80 once every vCPU listed in the MP
- *    table has finished its start-up work ("guest is up").
+ *    table has finished its start-up work ("guest is up");
+ *  - then=idle: the BSP takes interrupts: its LAPIC timer (heartbeat), the
+ *    keyboard (IRQ 1, routed through the IOAPIC: on Ctrl-Alt-Del it prints
+ *    `ctrl-alt-del: powering off` and powers off) and, with echo=1, the UART
+ *    (IRQ 4: every byte received is written back, "\r" as "\r\n"). The
+ *    8259 PIC is masked. Other modes keep interrupts off and ignore both.
  *
  * Ring-0 code may be run by KVM's instruction emulator: keep to plain,
  * common instructions.
@@ -27,7 +32,16 @@ typedef unsigned long u64;
 
 #define COM1 0x3f8
 #define PORT_POST 0x80       /* debug port: io_exits and the "up" signal */
-#define PORT_I8042 0x64      /* i8042 command port: 0xFE = pulse reset */
+#define PORT_I8042 0x64      /* i8042 command/status port: 0xFE = pulse reset */
+#define PORT_I8042_DATA 0x60 /* i8042 data port: scancodes */
+#define I8042_STATUS_OBF 0x01 /* output buffer full: a byte waits at 0x60 */
+#define I8042_CMD_WRITE_CTR 0x60
+#define I8042_CTR 0x45       /* translate to set 1 | POST ok | keyboard interrupt */
+#define PIC1_DATA 0x21
+#define PIC2_DATA 0xA1
+#define UART_IER 1
+#define UART_LSR 5
+#define UART_LSR_DR 0x01     /* a received byte waits */
 #define PORT_ACPI_SLEEP 0x600 /* ACPI sleep control: 0x34 = S5 | SLP_EN */
 
 #define LAPIC_BASE 0xFEE00000UL
@@ -39,11 +53,27 @@ typedef unsigned long u64;
 #define LAPIC_TIMER_INIT 0x380
 #define LAPIC_TIMER_DIV 0x3E0
 
+#define IOAPIC_BASE 0xFEC00000UL
+#define IOAPIC_REGSEL 0x00
+#define IOAPIC_WIN 0x10
+#define IOAPIC_REDTBL(irq) (0x10 + 2 * (irq))
+
 #define HEARTBEAT_VECTOR 0x40
+#define KBD_IRQ 1
+#define KBD_VECTOR 0x41
+#define COM1_IRQ 4
+#define COM1_VECTOR 0x44
 
 static inline void outb(u16 port, u8 val)
 {
     __asm__ volatile("outb %0, %1" : : "a"(val), "Nd"(port) : "memory");
+}
+
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+    return v;
 }
 
 static inline u32 lapic_read(u32 reg)
@@ -186,6 +216,7 @@ struct config {
     enum then_action then;
     u64 io_exits;
     u64 heartbeat_ms;
+    int echo;
     int touch;
     u64 touch_addr;
     u64 touch_pages;
@@ -266,6 +297,9 @@ static void apply_token(struct config *cfg, const char *k, const char *ke, const
     } else if (span_eq(k, ke, "heartbeat_ms")) {
         if (parse_num(v, ve, &a))
             cfg->heartbeat_ms = a;
+    } else if (span_eq(k, ke, "echo")) {
+        if (parse_num(v, ve, &a))
+            cfg->echo = (a != 0);
     } else if (span_eq(k, ke, "touch")) {
         const char *colon = v;
         while (colon < ve && *colon != ':')
@@ -288,6 +322,7 @@ static void parse_cmdline(struct config *cfg, u64 zero_page)
     cfg->then = THEN_POWEROFF;
     cfg->io_exits = 0;
     cfg->heartbeat_ms = 1000;
+    cfg->echo = 0;
     cfg->touch = 0;
     cfg->touch_addr = 0;
     cfg->touch_pages = 0;
@@ -467,6 +502,101 @@ static int lapic_in_service(u32 vector)
     return (lapic_read(LAPIC_ISR + 0x10 * (vector / 32)) >> (vector % 32)) & 1;
 }
 
+/* ------------------------------------------------------------------ */
+/* Keyboard and UART input (then=idle, BSP only, interrupts off inside) */
+
+#define SC_EXTENDED 0xE0
+#define SC_CTRL 0x1D  /* set 1 make codes; break = make | 0x80 */
+#define SC_ALT 0x38
+#define SC_DEL 0x53   /* after 0xE0 */
+
+static int kbd_extended, kbd_ctrl, kbd_alt;
+static int echo_on;
+
+static __attribute__((noreturn)) void power_off(void)
+{
+    outb(PORT_ACPI_SLEEP, 0x34);
+    halt_forever();
+}
+
+/* Read every scancode the i8042 holds; Ctrl-Alt-Del powers off. */
+static void kbd_drain(void)
+{
+    while (inb(PORT_I8042) & I8042_STATUS_OBF) {
+        u8 sc = inb(PORT_I8042_DATA);
+        if (sc == SC_EXTENDED) {
+            kbd_extended = 1;
+            continue;
+        }
+        int ext = kbd_extended;
+        int down = !(sc & 0x80);
+        kbd_extended = 0;
+        switch (sc & 0x7f) {
+        case SC_CTRL: /* left, or right with 0xE0 */
+            kbd_ctrl = down;
+            break;
+        case SC_ALT:
+            kbd_alt = down;
+            break;
+        case SC_DEL:
+            if (ext && down && kbd_ctrl && kbd_alt) {
+                print("ctrl-alt-del: powering off");
+                power_off();
+            }
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+/* Read every byte the UART holds; write each back when echoing. */
+static void uart_drain(void)
+{
+    while (inb(COM1 + UART_LSR) & UART_LSR_DR) {
+        u8 c = inb(COM1);
+        if (!echo_on)
+            continue;
+        lock(&print_lock);
+        outb(COM1, c);
+        if (c == '\r')
+            outb(COM1, '\n');
+        unlock(&print_lock);
+    }
+}
+
+static void ioapic_write(u32 reg, u32 val)
+{
+    *(volatile u32 *)(IOAPIC_BASE + IOAPIC_REGSEL) = reg;
+    *(volatile u32 *)(IOAPIC_BASE + IOAPIC_WIN) = val;
+}
+
+/* ISA line `irq` -> `vector` on the BSP: fixed, physical, edge, active high. */
+static void ioapic_route(u32 irq, u32 vector)
+{
+    ioapic_write(IOAPIC_REDTBL(irq) + 1, 0); /* destination: LAPIC ID 0 */
+    ioapic_write(IOAPIC_REDTBL(irq), vector);
+}
+
+/* Interrupts from devices: keyboard always, the UART when echoing. Called
+ * with interrupts off; input that came before is read here. */
+static void start_input(int echo)
+{
+    outb(PIC1_DATA, 0xFF); /* the 8259s deliver nothing (LINT0 is ExtINT) */
+    outb(PIC2_DATA, 0xFF);
+    ioapic_route(KBD_IRQ, KBD_VECTOR);
+    /* The i8042 raises IRQ 1 only once its control register says so. */
+    outb(PORT_I8042, I8042_CMD_WRITE_CTR);
+    outb(PORT_I8042_DATA, I8042_CTR);
+    kbd_drain();
+    if (echo) {
+        echo_on = 1;
+        ioapic_route(COM1_IRQ, COM1_VECTOR);
+        outb(COM1 + UART_IER, 0x01); /* received data available */
+        uart_drain();
+    }
+}
+
 /* Called from isr_common with a pointer to: vector, error code, RIP, ... */
 void isr_dispatch(u64 *frame)
 {
@@ -474,6 +604,16 @@ void isr_dispatch(u64 *frame)
     if (vector == HEARTBEAT_VECTOR) {
         u64 k = ++heartbeats;
         print_num("heartbeat ", k);
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    }
+    if (vector == KBD_VECTOR) {
+        kbd_drain();
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    }
+    if (vector == COM1_VECTOR) {
+        uart_drain();
         lapic_write(LAPIC_EOI, 0);
         return;
     }
@@ -533,6 +673,7 @@ static __attribute__((noreturn)) void do_then(const struct config *cfg)
     case THEN_IDLE:
         idt_load();
         start_heartbeat(cfg->heartbeat_ms);
+        start_input(cfg->echo);
         idle_forever();
     case THEN_FLOOD:
         /* A guest writing its UART as fast as it can, forever: one port write (one
@@ -545,8 +686,7 @@ static __attribute__((noreturn)) void do_then(const struct config *cfg)
     case THEN_POWEROFF:
     default:
         print("poweroff");
-        outb(PORT_ACPI_SLEEP, 0x34);
-        halt_forever();
+        power_off();
     }
 }
 

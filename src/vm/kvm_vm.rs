@@ -1,11 +1,14 @@
 //! `KvmVm`, as in the seed notes: the VM fd, its memory slots, MP table and irqchip,
-//! the vCPUs and their threads, started behind a barrier and stopped by signal.
+//! the vCPUs and their threads, started behind a barrier and stopped by signal; and
+//! [`RunControl`], the part another thread holds to pause and resume the vCPUs with the
+//! guest's clock kept (KVM_GET_CLOCK at pause, KVM_SET_CLOCK at resume).
 
 use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::os::unix::thread::JoinHandleExt;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_clock_data, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
 use nix::sys::signal::{SigSet, Signal};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,6 +31,8 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// How long `shutdown` waits for vCPU threads before it gives up.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a pause waits for every vCPU to leave `KVM_RUN` before it reads the clock.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The seed's VM configuration: how many vCPUs and how each is set up.
 #[derive(Clone)]
@@ -95,6 +100,14 @@ pub enum VmError {
     /// The VM is not in a state for this call.
     #[error("{0}")]
     State(&'static str),
+    /// Some vCPUs were still in the guest when a pause gave up waiting.
+    #[error("pause: {parked} of {vcpus} vCPUs parked within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout {
+        /// vCPUs parked.
+        parked: usize,
+        /// vCPU threads.
+        vcpus: usize,
+    },
     /// The starting thread's seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
@@ -128,6 +141,7 @@ pub struct KvmVm {
     exit_handler: Arc<dyn ExitHandler>,
     vcpu_barrier: Arc<Barrier>,
     vcpu_run_state: Arc<VcpuRunState>,
+    control: Arc<RunControl>,
     live: Arc<LiveThreads>,
     slots: Vec<(u32, u64)>,
     /// A handle on the guest memory (its regions are shared): every slot KVM has stays
@@ -164,16 +178,23 @@ impl KvmVm {
             what: "KVM_CREATE_VM",
             source,
         })?);
+        let vcpu_run_state = Arc::new(VcpuRunState::default());
         let vm = KvmVm {
             // The calling thread is a party too: `run` returns only once every vCPU
             // thread is set up, so a shutdown right after `run` finds them all ready.
             vcpu_barrier: Arc::new(Barrier::new(usize::from(config.num_vcpus) + 1)),
             config,
+            control: Arc::new(RunControl {
+                fd: fd.clone(),
+                run_state: vcpu_run_state.clone(),
+                threads: Mutex::new(Vec::new()),
+                clock: Mutex::new(None),
+            }),
             fd,
             vcpus: Vec::new(),
             vcpu_handles: Vec::new(),
             exit_handler,
-            vcpu_run_state: Arc::new(VcpuRunState::default()),
+            vcpu_run_state,
             live: Arc::new(LiveThreads::default()),
             slots: Vec::new(),
             mem: mem.mem.clone(),
@@ -336,12 +357,14 @@ impl KvmVm {
                 });
             match spawned {
                 Ok(h) => {
+                    self.control.add_thread(h.as_pthread_t());
                     self.vcpu_handles.push(h);
                     gates.push(go_tx);
                 }
                 Err(e) => {
                     self.vcpu_run_state.set_and_notify(VmRunState::Exiting);
                     drop(gates);
+                    self.control.forget_threads();
                     for h in self.vcpu_handles.drain(..) {
                         let _ = h.join();
                     }
@@ -371,20 +394,21 @@ impl KvmVm {
         }
     }
 
-    /// Pause every vCPU outside KVM_RUN (not once the VM is exiting).
-    pub fn pause(&self) {
-        if self
-            .vcpu_run_state
-            .transition(VmRunState::Running, VmRunState::Suspended)
-        {
-            self.kick_all();
-        }
+    /// Pause every vCPU outside KVM_RUN (not once the VM is exiting); see
+    /// [`RunControl::pause`].
+    pub fn pause(&self) -> Result<Option<u64>, VmError> {
+        self.control.pause()
     }
 
-    /// Let paused vCPUs run again.
-    pub fn resume(&self) {
-        self.vcpu_run_state
-            .transition(VmRunState::Suspended, VmRunState::Running);
+    /// Let paused vCPUs run again, the guest's clock where it was at the pause; see
+    /// [`RunControl::resume`].
+    pub fn resume(&self) -> Result<Option<u64>, VmError> {
+        self.control.resume()
+    }
+
+    /// What another thread needs to pause and resume this VM.
+    pub fn run_control(&self) -> Arc<RunControl> {
+        self.control.clone()
     }
 
     /// Stop every vCPU: mark the state Exiting, kick each thread (SIGRTMIN, whose handler
@@ -411,6 +435,7 @@ impl KvmVm {
                 .0;
         }
         drop(live);
+        self.control.forget_threads();
         for h in self.vcpu_handles.drain(..) {
             let _ = h.join();
         }
@@ -428,6 +453,135 @@ impl Drop for KvmVm {
         if !self.vcpu_handles.is_empty() {
             let _ = self.shutdown();
         }
+    }
+}
+
+/// Pause and resume for a thread other than the VM's owner (the control thread): the
+/// shared run state, the vCPU threads to kick, the VM fd for the clock.
+pub struct RunControl {
+    fd: Arc<VmFd>,
+    run_state: Arc<VcpuRunState>,
+    /// The vCPU threads, while they can be signalled: emptied (under this lock) before
+    /// they are joined, so a kick never names a thread that is gone.
+    threads: Mutex<Vec<libc::pthread_t>>,
+    /// KVM's clock when the VM was paused.
+    clock: Mutex<Option<kvm_clock_data>>,
+}
+
+impl RunControl {
+    fn add_thread(&self, t: libc::pthread_t) {
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(t);
+    }
+
+    fn forget_threads(&self) {
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Kick every vCPU thread out of KVM_RUN; the number of threads.
+    fn kick(&self) -> usize {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for t in threads.iter() {
+            // SAFETY: `t` is a thread of this process that has not been joined or
+            // detached (the list is emptied under this lock before that happens), so
+            // its pthread_t is valid even if the thread has ended.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+        threads.len()
+    }
+
+    /// The VM's KVM clock (kvmclock's nanoseconds), KVM_GET_CLOCK.
+    pub fn clock(&self) -> Result<u64, VmError> {
+        self.fd
+            .get_clock()
+            .map(|c| c.clock)
+            .map_err(|source| VmError::Kvm {
+                what: "KVM_GET_CLOCK",
+                source,
+            })
+    }
+
+    /// Park every vCPU outside KVM_RUN (kicked out of the guest, waiting at most
+    /// [`PAUSE_TIMEOUT`] for them), then read KVM's clock for the resume. `Ok(None)` if
+    /// the VM was not running (paused already, or stopping); else the clock read.
+    pub fn pause(&self) -> Result<Option<u64>, VmError> {
+        if !self
+            .run_state
+            .transition(VmRunState::Running, VmRunState::Suspended)
+        {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut parked = false;
+        let mut vcpus = 0;
+        while !parked {
+            vcpus = self.kick();
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            // A kick that landed before KVM_RUN is kept (immediate_exit); kick again
+            // now and then all the same.
+            parked = self
+                .run_state
+                .wait_parked(vcpus, (deadline - now).min(Duration::from_millis(20)));
+            if self.run_state.get() != VmRunState::Suspended {
+                return Ok(None);
+            }
+        }
+        let clock = self.fd.get_clock().map_err(|source| VmError::Kvm {
+            what: "KVM_GET_CLOCK",
+            source,
+        })?;
+        let ns = clock.clock;
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some(clock);
+        if !parked {
+            return Err(VmError::PauseTimeout {
+                parked: self.run_state.parked(),
+                vcpus,
+            });
+        }
+        Ok(Some(ns))
+    }
+
+    /// Set KVM's clock back to its value at the pause (so the guest's time does not jump
+    /// by the time it was paused) and let the vCPUs run. `Ok(None)` if the VM was not
+    /// paused; else the clock set. The vCPUs run again even if the clock cannot be set.
+    pub fn resume(&self) -> Result<Option<u64>, VmError> {
+        if self.run_state.get() != VmRunState::Suspended {
+            return Ok(None);
+        }
+        let saved = self.clock.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let set = match saved {
+            None => Ok(None),
+            Some(c) => {
+                // Only the value: KVM_CLOCK_REALTIME would make KVM add the time elapsed.
+                let c = kvm_clock_data {
+                    clock: c.clock,
+                    ..Default::default()
+                };
+                self.fd
+                    .set_clock(&c)
+                    .map(|()| Some(c.clock))
+                    .map_err(|source| VmError::Kvm {
+                        what: "KVM_SET_CLOCK",
+                        source,
+                    })
+            }
+        };
+        self.run_state
+            .transition(VmRunState::Suspended, VmRunState::Running);
+        set
+    }
+
+    /// The shared run state.
+    pub fn run_state(&self) -> VmRunState {
+        self.run_state.get()
     }
 }
 

@@ -35,54 +35,90 @@ pub enum VmRunState {
     Exiting,
 }
 
-/// A [`VmRunState`] behind a mutex, with a condvar to wake waiting vCPUs.
+/// A [`VmRunState`] behind a mutex, with a condvar to wake waiting vCPUs, and how many
+/// vCPUs are parked (waiting while suspended), so a pause can wait for them.
 #[derive(Debug)]
 pub struct VcpuRunState {
-    state: Mutex<VmRunState>,
+    state: Mutex<RunInner>,
     cv: Condvar,
+}
+
+#[derive(Debug)]
+struct RunInner {
+    state: VmRunState,
+    parked: usize,
 }
 
 impl Default for VcpuRunState {
     fn default() -> Self {
         VcpuRunState {
-            state: Mutex::new(VmRunState::Running),
+            state: Mutex::new(RunInner {
+                state: VmRunState::Running,
+                parked: 0,
+            }),
             cv: Condvar::new(),
         }
     }
 }
 
 impl VcpuRunState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunInner> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Change the state and wake every waiter.
     pub fn set_and_notify(&self, s: VmRunState) {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        *g = s;
+        self.lock().state = s;
         self.cv.notify_all();
     }
 
     /// Change `from` to `to` atomically; false (and no change) if the state was not `from`.
     pub fn transition(&self, from: VmRunState, to: VmRunState) -> bool {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if *g != from {
+        let mut g = self.lock();
+        if g.state != from {
             return false;
         }
-        *g = to;
+        g.state = to;
         self.cv.notify_all();
         true
     }
 
     /// The current state.
     pub fn get(&self) -> VmRunState {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().state
     }
 
-    /// Block while suspended; return the state that ended the wait.
+    /// Block while suspended (counted as parked meanwhile); return the state that ended
+    /// the wait.
     pub fn wait_while_suspended(&self) -> VmRunState {
-        let g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let g = self
+        let mut g = self.lock();
+        if g.state != VmRunState::Suspended {
+            return g.state;
+        }
+        g.parked += 1;
+        self.cv.notify_all();
+        let mut g = self
             .cv
-            .wait_while(g, |s| *s == VmRunState::Suspended)
+            .wait_while(g, |s| s.state == VmRunState::Suspended)
             .unwrap_or_else(|p| p.into_inner());
-        *g
+        g.parked -= 1;
+        g.state
+    }
+
+    /// How many vCPUs are parked now.
+    pub fn parked(&self) -> usize {
+        self.lock().parked
+    }
+
+    /// Wait at most `d` until `n` vCPUs are parked or the state is no longer suspended;
+    /// true if `n` are parked (and the state still suspended).
+    pub fn wait_parked(&self, n: usize, d: std::time::Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, d, |s| s.state == VmRunState::Suspended && s.parked < n)
+            .unwrap_or_else(|p| p.into_inner());
+        g.state == VmRunState::Suspended && g.parked >= n
     }
 }
 

@@ -1,5 +1,6 @@
 //! The 16550 UART at 0x3f8 (rust-vmm's vm-superio), raising IRQ 4 through an irqfd,
-//! its output going to the VM's console.
+//! its output going to the VM's console and its receive side fed by
+//! [`SerialDevice::enqueue_input`] (console input from the supervisor).
 
 use std::io::{self, Write};
 use std::sync::Mutex;
@@ -15,6 +16,8 @@ pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_LEN: u16 = 8;
 /// COM1's ISA interrupt line.
 pub const COM1_IRQ: u32 = 4;
+/// Bytes the receive FIFO holds (vm-superio's).
+pub const RX_FIFO_SIZE: usize = 64;
 
 /// An eventfd registered as an irqfd: writing it raises the UART's interrupt.
 pub struct IrqTrigger(pub EventFd);
@@ -77,6 +80,25 @@ impl SerialDevice {
         }
     }
 
+    /// Put `bytes` in the receive FIFO (64 bytes) and raise the received-data interrupt
+    /// if the guest enabled it; never blocks. Returns how many were taken: what does not
+    /// fit (the guest has not read what came before) is dropped by the caller.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        let room = self.inner.fifo_capacity();
+        match self.inner.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            // FullFifo: nothing taken. A failed interrupt write (the eventfd counter at
+            // its maximum) still left the bytes in the FIFO.
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(_) => bytes.len().min(room),
+        }
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.inner.fifo_capacity()
+    }
+
     /// Wrap for the bus.
     pub fn into_shared(self) -> std::sync::Arc<Mutex<SerialDevice>> {
         std::sync::Arc::new(Mutex::new(self))
@@ -128,5 +150,30 @@ mod tests {
         let mut lsr = [0u8];
         s.pio_read(PioAddress(COM1_BASE), 5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "THR empty");
+    }
+
+    #[test]
+    fn input_fills_the_fifo_raises_the_interrupt_and_drops_the_rest() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(evt.try_clone().unwrap(), Box::new(io::sink()));
+        // Interrupt on received data (IER bit 0), as the echo guest sets it.
+        s.pio_write(PioAddress(COM1_BASE), 1, &[0x01]);
+        assert_eq!(s.enqueue_input(b"hello\r"), 6);
+        assert_eq!(evt.read().unwrap(), 1, "IRQ 4 raised");
+        let mut got = Vec::new();
+        let mut b = [0u8];
+        loop {
+            s.pio_read(PioAddress(COM1_BASE), 5, &mut b);
+            if b[0] & 0x01 == 0 {
+                break;
+            }
+            s.pio_read(PioAddress(COM1_BASE), 0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, b"hello\r");
+        let big = [b'x'; 100];
+        assert_eq!(s.enqueue_input(&big), RX_FIFO_SIZE);
+        assert_eq!(s.input_room(), 0);
+        assert_eq!(s.enqueue_input(b"y"), 0, "full: nothing taken");
     }
 }
