@@ -192,6 +192,8 @@ fn guest_touched_kib(vcpus: u8) -> Res<u64> {
         mmio_devices: Vec::new(),
         counters: None,
         started: None,
+        control: None,
+        name: "builtin".into(),
     };
     let mut vm = RunningVm::start(params, Arc::new(StopLatch::default()))
         .map_err(|e| format!("in-process VM: {e}"))?;

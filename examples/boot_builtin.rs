@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mmio_devices: Vec::new(),
         counters: None,
         started: None,
+        control: None,
+        name: "builtin".into(),
     };
     let mut vm = RunningVm::start(params, Arc::new(StopLatch::default()))?;
     let cause = vm.wait();

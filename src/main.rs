@@ -307,8 +307,6 @@ struct RunVmArgs<'a> {
     supervisor_pid: Option<u32>,
     settings: Option<&'a Path>,
     counters_fd: Option<i32>,
-    /// Not read yet: the child's side of the channel comes next.
-    #[allow(dead_code)]
     control_fd: Option<i32>,
     ids: Option<Ids>,
     spec_stdin: bool,
@@ -340,16 +338,22 @@ fn jailed_vm(
         jail::name_process(name);
     }
     if let Some(pid) = a.supervisor_pid {
-        jail::die_with(pid).map_err(|e| e.to_string())?;
+        jail::check_parent(pid).map_err(|e| e.to_string())?;
     }
+    let channel = a
+        .control_fd
+        .map(vmm_fleet::vm::control::inherited_channel)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let spec = load_spec(file, a)?;
     let table = a
         .counters_fd
         .map(jail::inherited_table)
         .transpose()
         .map_err(|e| format!("counter table: {e}"))?;
-    let opened = OpenedVm::open(&spec, table.map(Arc::new), started)
+    let mut opened = OpenedVm::open(&spec, table.map(Arc::new), started)
         .map_err(|e| format!("vm {}: {e}", spec.name))?;
+    opened.params.control = channel;
     if let Some(ids) = a.ids {
         check_images_readable(ids, &opened.params).map_err(|e| format!("vm {}: {e}", spec.name))?;
     }

@@ -56,6 +56,8 @@ fn params(vcpus: u8, cmdline: &str, console: &Console) -> VmParams {
         mmio_devices: Vec::new(),
         counters: None,
         started: None,
+        control: None,
+        name: "builtin".into(),
     }
 }
 

@@ -5,11 +5,11 @@
 //! an RCU grace period; `Command::spawn` waits for the exec), so a fleet starting
 //! thousands of VMs would otherwise hold reaping and signals for seconds.
 //!
-//! The threads never exit while the supervisor runs: a child's PR_SET_PDEATHSIG (set by
-//! `run-vm`) fires when the *thread* that forked it exits, so a thread leaving early
-//! would kill every VM it started. They end only when the supervisor drops its end of
-//! the job channel (after every child is gone). Note for a future re-exec: exec ends
-//! every thread but the caller, and with them every child they forked.
+//! The threads end only when the supervisor drops its end of the job channel (after
+//! every child is gone). `run-vm` does not set PR_SET_PDEATHSIG (it fires when the
+//! *thread* that forked the child exits, so a re-exec, which ends every thread, would
+//! kill every VM): a child learns that its supervisor is gone from EOF on its control
+//! channel, whichever thread forked it.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};

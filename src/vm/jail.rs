@@ -2,13 +2,17 @@
 //!
 //! The supervisor's side (own session, empty environment, only fds 0/1/2 and the
 //! counter table) is in `supervisor::spawn`. Here, in order:
-//! 1. SIGHUP is ignored and the process dies with its supervisor (PR_SET_PDEATHSIG);
+//! 1. SIGHUP is ignored and the supervisor is checked to be the parent still. The child
+//!    does not die by PR_SET_PDEATHSIG: that fires when the supervisor *thread* that
+//!    forked it exits, and a supervisor that re-executes itself ends every thread. The
+//!    control channel (`vm::control`) tells the child its supervisor is gone instead: EOF
+//!    on it stops the VM as SIGTERM does;
 //! 2. everything the VM needs is opened while the process still has the supervisor's
 //!    privileges: the counter table (mapped from its inherited fd), the console file,
 //!    the kernel and initrd (regular files only, opened without blocking), `/dev/kvm`;
 //! 3. [`lock_down`]: oom_score_adj raised, RLIMIT_CORE 0, a small RLIMIT_NOFILE, then
 //!    setgroups/setresgid/setresuid to the VM user, no_new_privs, not dumpable, and the
-//!    parent-death signal set again (a credential change clears it).
+//!    parent checked once more.
 //!
 //! glibc's setresuid signals every thread of the process (SIGSETXID), so [`lock_down`]
 //! must run while the process has one thread: the caller starts its threads after it.
@@ -56,7 +60,7 @@ pub struct Ids {
 pub struct Jail {
     /// Drop to these ids (`None`: keep the current user).
     pub ids: Option<Ids>,
-    /// Die with this supervisor.
+    /// The supervisor that must still be the parent.
     pub supervisor_pid: Option<u32>,
     /// The VM's vCPUs (sizes RLIMIT_NOFILE).
     pub vcpus: u8,
@@ -175,10 +179,9 @@ pub fn name_process(vm: &str) {
     }
 }
 
-/// Die with the supervisor: SIGKILL when it goes; fails if it is gone already.
-pub fn die_with(supervisor_pid: u32) -> Result<(), JailError> {
-    prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("PR_SET_PDEATHSIG"))?;
-    // The supervisor may have died before the line above: then we are orphaned.
+/// Fail if the supervisor is gone already (this process was re-parented). Once the VM
+/// runs, its end is seen on the control channel instead.
+pub fn check_parent(supervisor_pid: u32) -> Result<(), JailError> {
     if getppid() != Pid::from_raw(supervisor_pid as i32) {
         return Err(JailError::Orphaned(supervisor_pid));
     }
@@ -288,10 +291,9 @@ pub fn lock_down(jail: &Jail) -> Result<(), JailError> {
     // No ptrace or process_vm_readv by a process of the same user, no core file with
     // guest RAM in it.
     prctl::set_dumpable(false).map_err(sys("PR_SET_DUMPABLE"))?;
-    // A credential change cleared the parent-death signal: set it again, and check the
-    // supervisor did not die in between.
+    // The supervisor may have died while the VM was being opened.
     if let Some(pid) = jail.supervisor_pid {
-        die_with(pid)?;
+        check_parent(pid)?;
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 //! [`RunControl`], the part another thread holds to pause and resume the vCPUs with the
 //! guest's clock kept (KVM_GET_CLOCK at pause, KVM_SET_CLOCK at resume).
 
-use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -469,6 +469,17 @@ pub struct RunControl {
 }
 
 impl RunControl {
+    /// A run control for a VM with no vCPU threads (unit tests of the control thread).
+    #[cfg(test)]
+    pub(crate) fn for_test(fd: Arc<VmFd>) -> Arc<Self> {
+        Arc::new(RunControl {
+            fd,
+            run_state: Arc::new(VcpuRunState::default()),
+            threads: Mutex::new(Vec::new()),
+            clock: Mutex::new(None),
+        })
+    }
+
     fn add_thread(&self, t: libc::pthread_t) {
         self.threads
             .lock()
@@ -611,6 +622,8 @@ pub enum StopCause {
     Guest(StopReason),
     /// The process got this signal.
     Signal(i32),
+    /// The control channel ended: the supervisor is gone (stopped as on SIGTERM).
+    SupervisorGone,
 }
 
 impl StopLatch {

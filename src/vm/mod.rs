@@ -6,6 +6,7 @@
 
 pub mod boot;
 pub mod builtin;
+pub mod control;
 pub mod devices;
 pub mod jail;
 pub mod kvm_vm;
@@ -31,13 +32,15 @@ use crate::metrics::counters::ExitCounters;
 use crate::protocol::ExitCode;
 use boot::{BootError, ImageFile, KernelImage};
 use devices::debug_port::{DEBUG_PORT, DebugPort};
-use devices::i8042::{I8042, I8042_DATA};
+use devices::i8042::{I8042, I8042_DATA, I8042_LEN, KBD_IRQ};
 use devices::power::{PowerDevice, SLEEP_CONTROL_PORT};
 use devices::serial::{COM1_BASE, COM1_IRQ, COM1_LEN, FirstByteWriter, SerialDevice};
 use devices::{Bus, BusError};
 pub use kvm_vm::{KvmVm, StopCause, StopLatch, VmConfig, VmError};
 use memory::{GuestMem, MemoryError, RegionSpec, ram_layout};
 use seccomp::{SeccompError, SeccompMode, ThreadKind};
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
 pub use vcpu::StopReason;
 
 /// Errors building or starting a VM.
@@ -148,6 +151,11 @@ pub struct VmParams {
     pub counters: Option<Arc<ExitCounters>>,
     /// When the VM's process started (boot times count from here); now when None.
     pub started: Option<Instant>,
+    /// The control channel from the supervisor, served by the `control` thread
+    /// ([`control`]); none when run by hand.
+    pub control: Option<OwnedFd>,
+    /// The VM's name, for the control thread's log lines.
+    pub name: String,
 }
 
 impl VmParams {
@@ -203,6 +211,8 @@ impl VmParams {
             mmio_devices: Vec::new(),
             counters: None,
             started: None,
+            control: None,
+            name: spec.name.clone(),
         })
     }
 }
@@ -224,6 +234,9 @@ pub struct RunningVm {
     counters: Arc<ExitCounters>,
     debug_port: Arc<DebugPort>,
     stats: Option<StatsThread>,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    control: Option<(Arc<control::ControlStats>, JoinHandle<()>)>,
 }
 
 /// How often the kernel's KVM statistics are copied into the counter table.
@@ -334,16 +347,15 @@ impl RunningVm {
         let serial_irq_kvm = serial_irq.try_clone().map_err(RunError::EventFd)?;
         let debug_port = Arc::new(DebugPort::with_table(counters.clone(), started));
         let console = FirstByteWriter::new(p.console, counters.clone(), started);
+        let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(RunError::EventFd)?;
+        let kbd_irq_kvm = kbd_irq.try_clone().map_err(RunError::EventFd)?;
         let mut bus = Bus::new();
-        bus.add_pio(
-            "serial",
-            COM1_BASE,
-            COM1_LEN,
-            SerialDevice::new(serial_irq, Box::new(console)).into_shared(),
-        )?;
+        let serial = SerialDevice::new(serial_irq, Box::new(console)).into_shared();
+        bus.add_pio("serial", COM1_BASE, COM1_LEN, serial.clone())?;
         let exit: Arc<dyn vcpu::ExitHandler> = latch.clone();
         // i8042 data port 0x60 through command port 0x64.
-        bus.add_pio("i8042", I8042_DATA, 5, Arc::new(I8042::new(exit.clone())))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
+        bus.add_pio("i8042", I8042_DATA, I8042_LEN, i8042.clone())?;
         bus.add_pio(
             "acpi-sleep",
             SLEEP_CONTROL_PORT,
@@ -359,7 +371,27 @@ impl RunningVm {
         let config = VmConfig::new(&kvm, p.vcpus)?;
         let mut vm = KvmVm::new(&kvm, config, &mem, exit, bus.clone(), counters.clone())?;
         vm.register_irqfd(&serial_irq_kvm, COM1_IRQ)?;
+        vm.register_irqfd(&kbd_irq_kvm, KBD_IRQ)?;
         let stats = start_stats_thread(&vm, &counters, seccomp)?;
+        // The control thread acts on the VM from now on: a pause before the vCPUs run
+        // parks them at their start.
+        let control = match p.control {
+            None => None,
+            Some(fd) => {
+                let controller = control::Controller::new(
+                    &p.name,
+                    control::Targets {
+                        run: vm.run_control(),
+                        i8042: i8042.clone(),
+                        serial: serial.clone(),
+                        latch: latch.clone(),
+                    },
+                    Box::new(std::io::stderr()),
+                );
+                let stats = controller.stats();
+                Some((stats, control::start(controller, fd, seccomp)?))
+            }
+        };
         vm.set_seccomp(seccomp);
         if builtin {
             // The built-in guest: every vCPU enters at the ELF entry in long mode.
@@ -376,6 +408,9 @@ impl RunningVm {
             counters,
             debug_port,
             stats,
+            serial,
+            i8042,
+            control,
         })
     }
 
@@ -423,6 +458,42 @@ impl RunningVm {
     pub fn debug_port(&self) -> &DebugPort {
         &self.debug_port
     }
+
+    /// Park the vCPUs and read KVM's clock (see [`kvm_vm::RunControl::pause`]).
+    pub fn pause(&self) -> Result<Option<u64>, VmError> {
+        self.vm.pause()
+    }
+
+    /// Run the vCPUs again with KVM's clock as it was at the pause.
+    pub fn resume(&self) -> Result<Option<u64>, VmError> {
+        self.vm.resume()
+    }
+
+    /// KVM's clock now (KVM_GET_CLOCK), in nanoseconds.
+    pub fn clock_ns(&self) -> Result<u64, VmError> {
+        self.vm.run_control().clock()
+    }
+
+    /// Press Ctrl-Alt-Del on the VM's keyboard.
+    pub fn ctrl_alt_del(&self) -> Result<(), devices::i8042::I8042Error> {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ctrl_alt_del()
+    }
+
+    /// Type `bytes` into the UART's receive side; how many it took.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(bytes)
+    }
+
+    /// The control thread's counters (none without a control channel).
+    pub fn control_stats(&self) -> Option<&control::ControlStats> {
+        self.control.as_ref().map(|(s, _)| &**s)
+    }
 }
 
 /// The exit code for a stop cause.
@@ -432,7 +503,7 @@ pub fn exit_code_for(cause: &StopCause) -> ExitCode {
         StopCause::Guest(StopReason::Reset) => ExitCode::GuestReset,
         StopCause::Guest(StopReason::Crash(_)) => ExitCode::GuestCrash,
         StopCause::Guest(StopReason::Error(_)) => ExitCode::VmmError,
-        StopCause::Signal(_) => ExitCode::Stopped,
+        StopCause::Signal(_) | StopCause::SupervisorGone => ExitCode::Stopped,
     }
 }
 
@@ -444,6 +515,7 @@ pub fn describe(cause: &StopCause) -> String {
         StopCause::Guest(StopReason::Crash(d)) => format!("guest crashed: {d}"),
         StopCause::Guest(StopReason::Error(d)) => format!("VMM error: {d}"),
         StopCause::Signal(s) => format!("stopped by signal {s}"),
+        StopCause::SupervisorGone => "stopped: the supervisor is gone".into(),
     }
 }
 

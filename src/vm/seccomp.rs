@@ -41,15 +41,19 @@ pub enum ThreadKind {
     Signals,
     /// The `kvm_stats` thread: copies KVM's binary statistics into the counter table.
     KvmStats,
+    /// The `control` thread: reads the supervisor's control channel, pauses and resumes
+    /// the vCPUs (KVM's clock), feeds the i8042 and the UART (irqfd writes).
+    Control,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Signals,
         ThreadKind::KvmStats,
+        ThreadKind::Control,
     ];
 
     /// The kind's name as in messages (the thread name for helper threads).
@@ -59,6 +63,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Signals => "signals",
             ThreadKind::KvmStats => "kvm_stats",
+            ThreadKind::Control => "control",
         }
     }
 }
@@ -114,12 +119,19 @@ pub enum SeccompError {
 // KVM ioctl request numbers (kvm-ioctls keeps its own private).
 mod kvm {
     #![allow(missing_docs)]
-    use kvm_bindings::{KVMIO, kvm_mp_state, kvm_regs, kvm_sregs};
+    use kvm_bindings::{KVMIO, kvm_clock_data, kvm_mp_state, kvm_regs, kvm_sregs};
     vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     vmm_sys_util::ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     vmm_sys_util::ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
     vmm_sys_util::ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
+    vmm_sys_util::ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+}
+
+/// The ioctls of the control thread: KVM's clock, read at a pause and set at the resume.
+fn control_ioctls() -> [u64; 2] {
+    [kvm::KVM_GET_CLOCK(), kvm::KVM_SET_CLOCK()].map(u64::from)
 }
 
 /// The ioctls a vCPU thread makes: its start registers (set on the thread, before the
@@ -255,6 +267,29 @@ pub fn rules(kind: ThreadKind, pid: u32) -> BTreeMap<i64, Vec<SeccompRule>> {
             signal_handler_rules(&mut r);
             // Reads of the vCPUs' binary statistics fds.
             allow(&mut r, &[libc::SYS_pread64]);
+        }
+        ThreadKind::Control => {
+            signal_handler_rules(&mut r);
+            r.insert(
+                libc::SYS_ioctl,
+                control_ioctls().into_iter().map(|n| eq32(1, n)).collect(),
+            );
+            // One packet at a time from the control channel: recv(fd, buf, len,
+            // MSG_TRUNC), no address (glibc's recv is recvfrom with a null address).
+            r.insert(
+                libc::SYS_recvfrom,
+                vec![rule(vec![
+                    cond(
+                        3,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        libc::MSG_TRUNC as u64,
+                    ),
+                    cond(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0),
+                ])],
+            );
+            // After an empty read: has the peer closed (POLLHUP)? No timeout.
+            allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll]);
         }
     }
     r
@@ -553,6 +588,20 @@ mod tests {
                         ThreadKind::KvmStats => {
                             ok.push(libc::pread(stat, b.as_mut_ptr().cast(), 8, 0) == 8)
                         }
+                        ThreadKind::Control => {
+                            // The byte sent above, read as the control thread reads packets.
+                            ok.push(libc::recv(s2, b.as_mut_ptr().cast(), 8, libc::MSG_TRUNC) >= 1);
+                            // KVM's clock ioctls pass the filter (and fail on a bad fd).
+                            for nr in control_ioctls() {
+                                ok.push(libc::ioctl(-1, nr as _) == -1 && errno() == libc::EBADF);
+                            }
+                            let mut pfd = libc::pollfd {
+                                fd: s2,
+                                events: libc::POLLIN,
+                                revents: 0,
+                            };
+                            ok.push(libc::poll(&mut pfd, 1, 0) >= 0);
+                        }
                         _ => {}
                     }
                     check(&ok)
@@ -562,7 +611,10 @@ mod tests {
         }
         drop(w);
         let mut got = [0u8; 8];
-        assert_eq!(nix::unistd::read(&r, &mut got).expect("read"), 4);
+        assert_eq!(
+            nix::unistd::read(&r, &mut got).expect("read"),
+            ThreadKind::ALL.len()
+        );
     }
 
     #[test]
@@ -586,14 +638,25 @@ mod tests {
         };
         // SAFETY: KVM_RUN on no fd at all.
         let kvm_run = || unsafe { i64::from(libc::ioctl(-1, kvm::KVM_RUN() as _)) };
-        let cases: [(ThreadKind, &str, &dyn Fn() -> i64); 7] = [
+        // SAFETY: KVM_SET_CLOCK on no fd at all (the kernel reads nothing).
+        let set_clock = || unsafe { i64::from(libc::ioctl(-1, kvm::KVM_SET_CLOCK() as _)) };
+        // SAFETY: KVM_SET_REGS on no fd at all (the kernel reads nothing).
+        let set_regs = || unsafe { i64::from(libc::ioctl(-1, kvm::KVM_SET_REGS() as _)) };
+        let cases: [(ThreadKind, &str, &dyn Fn() -> i64); 13] = [
             (ThreadKind::Main, "pread64", &pread),
             (ThreadKind::Main, "recvfrom", &recv),
             (ThreadKind::Main, "ioctl KVM_RUN", &kvm_run),
+            (ThreadKind::Main, "ioctl KVM_SET_CLOCK", &set_clock),
             (ThreadKind::Vcpu, "sendto", &send),
             (ThreadKind::Vcpu, "pread64", &pread),
+            (ThreadKind::Vcpu, "ioctl KVM_SET_CLOCK", &set_clock),
             (ThreadKind::Signals, "pread64", &pread),
             (ThreadKind::KvmStats, "recvfrom", &recv),
+            (ThreadKind::Control, "ioctl KVM_RUN", &kvm_run),
+            (ThreadKind::Control, "ioctl KVM_SET_REGS", &set_regs),
+            (ThreadKind::Control, "pread64", &pread),
+            // recvfrom only as the control thread reads: MSG_TRUNC, no other flags.
+            (ThreadKind::Control, "recvfrom MSG_DONTWAIT", &recv),
         ];
         for (kind, what, f) in cases {
             let st = in_filtered_child(kind, || {

@@ -266,7 +266,11 @@ mod tests {
     #[test]
     fn ctrl_alt_del_waits_for_the_interrupt_enable_then_reads_as_set_1() {
         let (mut d, irq, exits) = device();
-        assert_eq!(inb(&mut d, I8042_CMD) & STATUS_OUT_FULL, 0, "empty at start");
+        assert_eq!(
+            inb(&mut d, I8042_CMD) & STATUS_OUT_FULL,
+            0,
+            "empty at start"
+        );
         d.ctrl_alt_del().unwrap();
         assert_eq!(d.queued(), 4);
         assert_ne!(inb(&mut d, I8042_CMD) & STATUS_OUT_FULL, 0);
