@@ -123,6 +123,11 @@ impl VmChild {
     /// Start `run-vm --control-fd 4 FILE` with the child's end of a fresh socketpair at
     /// fd 4.
     fn start(file: &Path) -> VmChild {
+        Self::start_with(file, &[])
+    }
+
+    /// [`VmChild::start`] with more arguments before FILE.
+    fn start_with(file: &Path, args: &[&str]) -> VmChild {
         let (sup, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -135,6 +140,7 @@ impl VmChild {
         cmd.arg("run-vm")
             .arg("--control-fd")
             .arg(CONTROL_FD.to_string())
+            .args(args)
             .arg(file)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -307,8 +313,16 @@ fn ctrl_alt_del_powers_the_builtin_guest_off() {
         "{}",
         vm.report()
     );
+    let line = vm
+        .console
+        .when("ctrl-alt-del: powering off\n")
+        .expect("line");
+    let logged = vm.log.when("guest powered off").expect("log line");
     eprintln!(
-        "ctrl-alt-del: {:.1} ms from the packet to the child's exit",
+        "ctrl-alt-del: {:.1} ms from the packet to the guest's line, {:.1} ms to the child's \
+         last log line, {:.1} ms to its exit seen by the parent",
+        ms(line - sent),
+        ms(logged - sent),
         ms(ended - sent)
     );
 }
@@ -420,6 +434,33 @@ fn eof_on_the_channel_stops_the_vm_as_sigterm_does() {
         "eof: {:.1} ms from closing the supervisor's end to the child's exit",
         ms(ended - closed)
     );
+}
+
+/// PR_SET_PDEATHSIG would kill a child when the *thread* that forked it ends (as every
+/// thread but one does at a re-exec of the supervisor): the child must outlive it, and
+/// learn of its supervisor's end from the channel only.
+#[test]
+fn a_child_outlives_the_thread_that_forked_it() {
+    if !kvm_available("control_child::thread_exit") {
+        return;
+    }
+    let dir = scratch("ctl-thread");
+    let file = config(&dir, "t", 1, "  then: idle\n  heartbeat_ms: 50\n");
+    let pid = std::process::id().to_string();
+    let mut vm = std::thread::spawn(move || {
+        let vm = VmChild::start_with(&file, &["--supervisor-pid", &pid]);
+        vm.wait_heartbeats(1);
+        vm
+    })
+    .join()
+    .expect("spawning thread");
+    // The thread that forked the child is gone; the child runs on.
+    let n = vm.console.heartbeats().len();
+    vm.wait_heartbeats(n + 5);
+    assert!(vm.alive(), "{}", vm.report());
+    vm.sup = None;
+    let (code, _) = vm.exit();
+    assert_eq!(code, Some(STOPPED), "{}", vm.report());
 }
 
 #[test]
