@@ -9,7 +9,16 @@
 //! ELF entry in 64-bit long mode (CS=0x08, data selectors 0x10, identity-mapped paging over
 //! 0..4 GiB, RFLAGS=0x2) with RSI = guest-physical address of the Linux zero page; the
 //! command line (`boot_params.hdr.cmd_line_ptr`) carries `then=`, `io_exits=`,
-//! `heartbeat_ms=`, `touch=ADDR:N` and `ro_write=ADDR`. See `guest/builtin/main.c`.
+//! `heartbeat_ms=`, `echo=0|1`, `touch=ADDR:N` and `ro_write=ADDR`. See
+//! `guest/builtin/main.c`.
+//!
+//! With `then=idle` the BSP takes interrupts: the LAPIC timer (heartbeat), the keyboard
+//! (IRQ 1) and, with `echo=1`, the UART (IRQ 4), both routed through the in-kernel IOAPIC
+//! to vector 0x41 / 0x44 (the 8259s masked). It enables the i8042's keyboard interrupt
+//! itself (command byte 0x45: translation on, so scancode set 1); on Ctrl-Alt-Del it
+//! prints `ctrl-alt-del: powering off` and powers off through the ACPI sleep register;
+//! with `echo=1` it writes back every byte it receives (`\r` as `\r\n`). Other modes never
+//! enable interrupts and ignore both devices.
 
 /// The built-in guest: an ELF64 image entered in 64-bit long mode at its ELF entry.
 pub const BUILTIN_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/builtin.elf"));
