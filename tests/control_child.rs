@@ -288,6 +288,44 @@ fn pause_stops_the_heartbeat_and_resume_restarts_it() {
     );
 }
 
+/// A paused VM still stops: Ctrl-Alt-Del waits for the resume (the guest is parked), and
+/// SIGTERM or EOF while paused stop it at once.
+#[test]
+fn a_paused_vm_takes_ctrl_alt_del_at_resume_and_stops_on_sigterm_or_eof() {
+    if !kvm_available("control_child::paused_stop") {
+        return;
+    }
+    let dir = scratch("ctl-paused");
+    let file = config(&dir, "cad", 1, "  then: idle\n  heartbeat_ms: 50\n");
+    let mut vm = VmChild::start(&file);
+    vm.wait_heartbeats(1);
+    vm.send(&ToChild::Pause);
+    vm.wait_log("paused");
+    vm.send(&ToChild::CtrlAltDel);
+    vm.wait_log("ctrl-alt-del sent");
+    let exited = wait_until(Duration::from_millis(500), || !vm.alive());
+    assert!(!exited, "a paused guest acted:\n{}", vm.report());
+    vm.send(&ToChild::Resume);
+    let (code, _) = vm.exit();
+    assert_eq!(code, Some(POWEROFF), "{}", vm.report());
+    assert!(vm.console.text().contains("ctrl-alt-del: powering off"));
+
+    for how in ["sigterm", "eof"] {
+        let file = config(&dir, how, 2, "  then: idle\n  heartbeat_ms: 50\n");
+        let mut vm = VmChild::start(&file);
+        vm.wait_heartbeats(1);
+        vm.send(&ToChild::Pause);
+        vm.wait_log("paused");
+        if how == "sigterm" {
+            sigterm(&vm.child);
+        } else {
+            vm.sup = None;
+        }
+        let (code, _) = vm.exit();
+        assert_eq!(code, Some(STOPPED), "{how}: {}", vm.report());
+    }
+}
+
 #[test]
 fn ctrl_alt_del_powers_the_builtin_guest_off() {
     if !kvm_available("control_child::ctrl_alt_del") {
