@@ -4,8 +4,11 @@
 //! - `Pause` / `Resume`: the vCPUs parked through the shared run state, KVM's clock read
 //!   at the pause and set back at the resume ([`RunControl`]);
 //! - `CtrlAltDel`: the i8042 queues Ctrl, Alt, Del and raises IRQ 1 ([`I8042`]);
-//! - `Console(bytes)`: into the UART's receive FIFO with its interrupt (IRQ 4); what
-//!   does not fit (the guest is not reading) is dropped and counted, never waited for;
+//! - `Console(bytes)`: into the UART's receive FIFO with its interrupt (IRQ 4). What does
+//!   not fit waits in a bounded backlog ([`CONSOLE_BACKLOG`] bytes) fed into the FIFO as
+//!   the guest reads it (the thread looks every [`CONSOLE_RETRY`] meanwhile, never
+//!   blocking on the guest); past the bound, or when the guest reads nothing for
+//!   [`CONSOLE_STALL`], bytes are dropped and counted;
 //! - end of file (the supervisor is gone: the kernel closed its end): the VM stops as on
 //!   SIGTERM ([`StopCause::SupervisorGone`]). This replaces PR_SET_PDEATHSIG, which
 //!   would kill every child when the supervisor re-executes itself.
@@ -14,11 +17,13 @@
 //! thread never panics on what arrives. It runs under its own seccomp filter
 //! ([`ThreadKind::Control`]), started before the guest runs.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{MsgFlags, SockType, getsockopt, recv, sockopt};
@@ -32,6 +37,15 @@ use crate::protocol::{CONSOLE_CHUNK_MAX, ProtocolError, ToChild};
 /// Room for the largest packet the protocol allows, plus slack: a longer one is seen
 /// (MSG_TRUNC reports its real length) and refused.
 pub const PACKET_BUF: usize = CONSOLE_CHUNK_MAX + 64;
+
+/// Console input bytes held for a guest whose receive FIFO is full (a paste longer than
+/// the FIFO's 64 bytes); more are dropped.
+pub const CONSOLE_BACKLOG: usize = 4 * CONSOLE_CHUNK_MAX;
+/// How often the backlog is offered to the FIFO again while bytes wait.
+pub const CONSOLE_RETRY: Duration = Duration::from_millis(2);
+/// A backlog the guest has taken nothing from for this long is dropped (the guest is not
+/// reading its UART).
+pub const CONSOLE_STALL: Duration = Duration::from_secs(1);
 
 /// Errors adopting the control channel fd.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +149,9 @@ pub struct Controller {
     logged: Vec<Garbage>,
     dropped_logged: bool,
     log: Box<dyn Write + Send>,
+    /// Console input waiting for room in the FIFO, and when the guest last took some.
+    backlog: VecDeque<u8>,
+    progress: Instant,
 }
 
 impl Controller {
@@ -147,6 +164,53 @@ impl Controller {
             logged: Vec::new(),
             dropped_logged: false,
             log,
+            backlog: VecDeque::new(),
+            progress: Instant::now(),
+        }
+    }
+
+    /// Console input bytes waiting for the guest.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
+    fn drop_input(&mut self, n: usize, why: &str) {
+        if n == 0 {
+            return;
+        }
+        self.stats
+            .console_dropped
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if !self.dropped_logged {
+            self.dropped_logged = true;
+            self.line(format_args!(
+                "console input: {n} bytes dropped, {why}; later drops are counted, not logged"
+            ));
+        }
+    }
+
+    /// Offer the backlog to the UART's FIFO; drop it if the guest has read nothing for
+    /// [`CONSOLE_STALL`] by `now`.
+    pub fn feed(&mut self, now: Instant) {
+        if self.backlog.is_empty() {
+            return;
+        }
+        let taken = {
+            let mut serial = self
+                .targets
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let (a, _) = self.backlog.as_slices();
+            serial.enqueue_input(a)
+        };
+        if taken > 0 {
+            self.backlog.drain(..taken);
+            self.progress = now;
+        } else if now.duration_since(self.progress) >= CONSOLE_STALL {
+            let n = self.backlog.len();
+            self.backlog.clear();
+            self.drop_input(n, "the guest has not read its UART for a second");
         }
     }
 
@@ -219,26 +283,18 @@ impl Controller {
                 }
             }
             ToChild::Console(bytes) => {
-                let taken = self
-                    .targets
-                    .serial
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .enqueue_input(&bytes);
-                let dropped = (bytes.len() - taken.min(bytes.len())) as u64;
-                if dropped > 0 {
-                    self.stats
-                        .console_dropped
-                        .fetch_add(dropped, Ordering::Relaxed);
-                    if !self.dropped_logged {
-                        self.dropped_logged = true;
-                        self.line(format_args!(
-                            "console input: {dropped} bytes dropped, the guest's receive FIFO \
-                             is full (it is not reading its UART); later drops are counted, \
-                             not logged"
-                        ));
-                    }
+                let now = Instant::now();
+                if self.backlog.is_empty() {
+                    self.progress = now;
                 }
+                let room = CONSOLE_BACKLOG - self.backlog.len();
+                let kept = bytes.len().min(room);
+                self.backlog.extend(&bytes[..kept]);
+                self.feed(now);
+                self.drop_input(
+                    bytes.len() - kept,
+                    "the guest's receive FIFO and the backlog are full (it is not reading its UART)",
+                );
             }
         }
     }
@@ -253,6 +309,10 @@ impl Controller {
     pub fn serve(mut self, fd: OwnedFd) {
         let mut buf = vec![0u8; PACKET_BUF];
         loop {
+            // Console input waits for the guest: look again soon, unless a packet comes.
+            while !self.backlog.is_empty() && !readable(&fd, CONSOLE_RETRY) {
+                self.feed(Instant::now());
+            }
             match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC) {
                 Ok(0) if peer_closed(&fd) => {
                     let dropped = self.stats.console_dropped.load(Ordering::Relaxed);
@@ -280,6 +340,15 @@ impl Controller {
             }
         }
     }
+}
+
+/// Whether a packet (or the end) waits on `fd`, waiting at most `d`. An error counts as
+/// readable: the `recv` that follows reports it.
+fn readable(fd: &OwnedFd, d: Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let ms = u16::try_from(d.as_millis()).unwrap_or(u16::MAX);
+    !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(0))
 }
 
 /// After a zero-length read: whether the peer closed its end (EOF), as opposed to an
@@ -338,6 +407,7 @@ mod tests {
         log: Log,
         latch: Arc<StopLatch>,
         serial_irq: EventFd,
+        serial: Arc<Mutex<SerialDevice>>,
         i8042: Arc<Mutex<I8042>>,
     }
 
@@ -358,7 +428,7 @@ mod tests {
         let targets = Targets {
             run: RunControl::for_test(vm),
             i8042: i8042.clone(),
-            serial,
+            serial: serial.clone(),
             latch: latch.clone(),
         };
         Some(Harness {
@@ -366,6 +436,7 @@ mod tests {
             log,
             latch,
             serial_irq,
+            serial,
             i8042,
         })
     }
@@ -405,21 +476,68 @@ mod tests {
         assert_eq!(h.i8042.lock().unwrap().queued(), 0);
     }
 
+    /// What the guest reads from the UART: every byte while LSR says one is ready.
+    fn guest_reads(serial: &Mutex<SerialDevice>) -> Vec<u8> {
+        use vm_device::MutDevicePio;
+        use vm_device::bus::PioAddress;
+        let mut s = serial.lock().unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8];
+        loop {
+            s.pio_read(PioAddress(0x3f8), 5, &mut b);
+            if b[0] & 1 == 0 {
+                return got;
+            }
+            s.pio_read(PioAddress(0x3f8), 0, &mut b);
+            got.push(b[0]);
+        }
+    }
+
     #[test]
-    fn console_input_beyond_the_fifo_is_dropped_and_counted() {
+    fn console_input_beyond_the_fifo_waits_in_a_bounded_backlog() {
         let Some(mut h) = harness() else { return };
-        let chunk = ToChild::Console(vec![b'x'; 40]).encode();
-        h.controller.packet(&chunk, chunk.len());
-        h.controller.packet(&chunk, chunk.len());
-        h.controller.packet(&chunk, chunk.len());
+        let text: Vec<u8> = (0..200u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let p = ToChild::Console(text.clone()).encode();
+        h.controller.packet(&p, p.len());
+        assert_eq!(h.controller.backlog(), 200 - 64);
+        let mut got = guest_reads(&h.serial);
+        let start = Instant::now();
+        while h.controller.backlog() > 0 {
+            h.controller.feed(start);
+            got.extend(guest_reads(&h.serial));
+        }
+        assert_eq!(got, text, "every byte, in order");
         let stats = h.controller.stats();
-        assert_eq!(stats.console_dropped.load(Ordering::Relaxed), 16 + 40);
-        assert_eq!(stats.handled.load(Ordering::Relaxed), 3);
-        let log = h.log.text();
-        assert_eq!(log.lines().count(), 1, "{log}");
-        assert!(log.contains("16 bytes dropped"), "{log}");
+        assert_eq!(stats.console_dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(h.log.text(), "");
         // The guest never enabled the UART's interrupt: none raised.
         assert!(h.serial_irq.read().is_err());
+
+        // A guest that reads nothing: the backlog fills to its bound, the rest is
+        // dropped, and after CONSOLE_STALL the backlog goes too.
+        let p = ToChild::Console(vec![b'x'; CONSOLE_CHUNK_MAX]).encode();
+        for _ in 0..6 {
+            h.controller.packet(&p, p.len());
+        }
+        assert_eq!(h.controller.backlog(), CONSOLE_BACKLOG);
+        let dropped = 6 * CONSOLE_CHUNK_MAX - 64 - CONSOLE_BACKLOG;
+        assert_eq!(
+            stats.console_dropped.load(Ordering::Relaxed),
+            dropped as u64
+        );
+        h.controller.feed(Instant::now());
+        assert_eq!(h.controller.backlog(), CONSOLE_BACKLOG, "not stalled yet");
+        h.controller.feed(Instant::now() + CONSOLE_STALL);
+        assert_eq!(h.controller.backlog(), 0);
+        assert_eq!(
+            stats.console_dropped.load(Ordering::Relaxed),
+            (dropped + CONSOLE_BACKLOG) as u64
+        );
+        let log = h.log.text();
+        assert_eq!(log.lines().count(), 1, "logged once:\n{log}");
+        // The first drop: the fifth packet's overflow.
+        let first = 5 * CONSOLE_CHUNK_MAX - 64 - CONSOLE_BACKLOG;
+        assert!(log.contains(&format!("{first} bytes dropped")), "{log}");
     }
 
     #[test]
