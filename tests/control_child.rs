@@ -230,6 +230,21 @@ impl Drop for VmChild {
     }
 }
 
+/// The `Seccomp:` mode of the `control` thread of process `pid`, if it has one.
+fn control_thread_seccomp(pid: u32) -> Option<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|t| t.ok())
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "control")
+        })
+        .and_then(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| Some(l.strip_prefix("Seccomp:")?.trim().to_string()))
+        })
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -243,6 +258,9 @@ fn pause_stops_the_heartbeat_and_resume_restarts_it() {
     let file = config(&dir, "p", 2, "  then: idle\n  heartbeat_ms: 50\n");
     let mut vm = VmChild::start(&file);
     vm.wait_heartbeats(3);
+    // The control thread runs under its own seccomp filter (mode 2), as do the others.
+    let control = control_thread_seccomp(vm.child.id());
+    assert_eq!(control.as_deref(), Some("2"), "{}", vm.report());
 
     let sent = vm.send(&ToChild::Pause);
     vm.wait_log("paused");

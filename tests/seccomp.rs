@@ -52,10 +52,13 @@ fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The threads a running VM child has: main, signals, kvm_stats and one per vCPU.
+/// The threads a running VM child has: main, signals, kvm_stats and one per vCPU, and
+/// under a fleet `control` (its supervisor's channel; none for `run-vm` by hand).
 fn has_every_thread(threads: &[(String, String)], main: &str) -> bool {
+    let control = main.starts_with("vm:");
     ["signals", "kvm_stats", "vcpu_0", "vcpu_1", main]
         .iter()
+        .chain(control.then_some(&"control"))
         .all(|n| threads.iter().any(|(t, _)| t == n))
 }
 
