@@ -428,6 +428,38 @@ fn a_spinning_guest_ignores_ctrl_alt_del_until_sigterm() {
     assert_eq!(code, Some(STOPPED), "{}", vm.report());
 }
 
+/// A paused spinning guest uses no CPU (its vCPU is parked, not spinning in KVM_RUN);
+/// resumed, it spins again.
+#[test]
+fn a_paused_spinning_guest_uses_no_cpu() {
+    if !kvm_available("control_child::spin_pause") {
+        return;
+    }
+    let dir = scratch("ctl-spin-pause");
+    let file = config(&dir, "sp", 1, "  then: spin\n");
+    let mut vm = VmChild::start(&file);
+    vm.wait_console("mptable cpus=1");
+    let pid = vm.child.id();
+    let ticks = || cpu_ticks(pid).expect("cpu ticks");
+    let t0 = ticks();
+    assert!(wait_until(LIMIT, || ticks() >= t0 + 20), "not spinning");
+    vm.send(&ToChild::Pause);
+    vm.wait_log("paused");
+    let t1 = ticks();
+    // Half a second paused: a spinning vCPU would use about 50 ticks of 10 ms.
+    let busy = wait_until(Duration::from_millis(500), || ticks() > t1 + 3);
+    assert!(!busy, "CPU used while paused: {} ticks", ticks() - t1);
+    vm.send(&ToChild::Resume);
+    let t2 = ticks();
+    assert!(
+        wait_until(LIMIT, || ticks() >= t2 + 20),
+        "not spinning again"
+    );
+    sigterm(&vm.child);
+    let (code, _) = vm.exit();
+    assert_eq!(code, Some(STOPPED), "{}", vm.report());
+}
+
 #[test]
 fn console_input_is_echoed_by_the_echo_guest() {
     if !kvm_available("control_child::echo") {
