@@ -1,6 +1,7 @@
 //! The VM's I/O bus: port and MMIO ranges mapped to devices (rust-vmm's vm-device),
-//! plus the legacy devices the guests here need: a 16550 UART, an i8042 that only
-//! knows the reset command, the ACPI sleep register and the POST/debug port.
+//! plus the legacy devices the guests here need: a 16550 UART (console in and out), an
+//! i8042 (the reset command, and Ctrl-Alt-Del for a graceful stop), the ACPI sleep
+//! register and the POST/debug port.
 //!
 //! Accesses that no device claims are counted and ignored: reads return all ones.
 
