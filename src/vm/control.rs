@@ -132,15 +132,6 @@ impl Garbage {
     }
 }
 
-/// One packet read from the channel.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Packet {
-    /// A message.
-    Message(ToChild),
-    /// A packet that could not be read (and why).
-    Garbage(String),
-}
-
 /// The control thread's state: what it acts on, what it has logged, its counters.
 pub struct Controller {
     name: String,
@@ -201,8 +192,7 @@ impl Controller {
                 .serial
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let (a, _) = self.backlog.as_slices();
-            serial.enqueue_input(a)
+            serial.enqueue_input(self.backlog.make_contiguous())
         };
         if taken > 0 {
             self.backlog.drain(..taken);
