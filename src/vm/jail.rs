@@ -1,7 +1,7 @@
 //! The process-level jail of a VM child, done in `run-vm` before its guest runs.
 //!
-//! The supervisor's side (own session, empty environment, only fds 0/1/2 and the
-//! counter table) is in `supervisor::spawn`. Here, in order:
+//! The supervisor's side (own session, empty environment, only fds 0/1/2, the counter
+//! table and the control channel) is in `supervisor::spawn`. Here, in order:
 //! 1. SIGHUP is ignored and the supervisor is checked to be the parent still. The child
 //!    does not die by PR_SET_PDEATHSIG: that fires when the supervisor *thread* that
 //!    forked it exits, and a supervisor that re-executes itself ends every thread. The
@@ -38,8 +38,9 @@ pub use crate::protocol::COUNTERS_FD;
 pub const OOM_SCORE_ADJ: i32 = 500;
 
 /// The open-file limit of a VM child with `vcpus` vCPUs: a vCPU fd and a KVM statistics
-/// fd per vCPU, plus a margin for stdio, the table, /dev/kvm, the VM, eventfds, the
-/// signal pipe, the console and the kernel images.
+/// fd per vCPU, plus a margin for stdio, the table, the control channel, /dev/kvm, the
+/// VM, eventfds (UART and keyboard interrupts), the signal pipe, the console and the
+/// kernel images.
 pub fn nofile_limit(vcpus: u8) -> u64 {
     64 + 2 * u64::from(vcpus)
 }
