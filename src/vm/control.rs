@@ -32,6 +32,7 @@ use super::devices::i8042::I8042;
 use super::devices::serial::SerialDevice;
 use super::kvm_vm::{RunControl, StopCause, StopLatch};
 use super::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
+use super::vcpu::StopReason;
 use crate::protocol::{CONSOLE_CHUNK_MAX, ProtocolError, ToChild};
 
 /// Room for the largest packet the protocol allows, plus slack: a longer one is seen
@@ -356,12 +357,23 @@ fn peer_closed(fd: &OwnedFd) -> bool {
 }
 
 /// Start the `control` thread (filtered from its start when `mode` is on) serving `fd`.
+/// Should it panic (a bug), the VM stops with a VMM error rather than run on with no one
+/// listening to its supervisor.
 pub fn start(
     controller: Controller,
     fd: OwnedFd,
     mode: SeccompMode,
 ) -> Result<JoinHandle<()>, SeccompError> {
-    seccomp::spawn_filtered(ThreadKind::Control, mode, move || controller.serve(fd))
+    let latch = controller.targets.latch.clone();
+    seccomp::spawn_filtered(ThreadKind::Control, mode, move || {
+        let served =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| controller.serve(fd)));
+        if served.is_err() {
+            latch.set(StopCause::Guest(StopReason::Error(
+                "the control thread panicked".into(),
+            )));
+        }
+    })
 }
 
 #[cfg(test)]
