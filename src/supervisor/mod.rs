@@ -221,13 +221,15 @@ pub struct Supervisor<S: Spawner> {
 }
 
 /// Every state name, for the exporter.
-pub const STATE_NAMES: [&str; 6] = [
+pub const STATE_NAMES: [&str; 8] = [
     VmState::ALL[0].as_str(),
     VmState::ALL[1].as_str(),
     VmState::ALL[2].as_str(),
     VmState::ALL[3].as_str(),
     VmState::ALL[4].as_str(),
     VmState::ALL[5].as_str(),
+    VmState::ALL[6].as_str(),
+    VmState::ALL[7].as_str(),
 ];
 
 impl<S: Spawner> Supervisor<S> {
@@ -470,6 +472,21 @@ impl<S: Spawner> Supervisor<S> {
                                 .vm(4, name, &format!("{} to pid {pid}: {e}", signal.as_str()));
                         }
                     }
+                    Action::Send(msg) => {
+                        if next.is_some() {
+                            continue; // an earlier send failed: the machine hears of it first
+                        }
+                        let channel = self.vms.get(name).and_then(|v| v.channel.clone());
+                        let sent = match channel {
+                            Some(c) => c.send(&msg),
+                            None => Err(std::io::Error::other("no control channel")),
+                        };
+                        if let Err(e) = sent {
+                            next = Some(machine::Event::SendFailed {
+                                error: format!("{msg:?}: {e}"),
+                            });
+                        }
+                    }
                     Action::Spawn => next = self.spawn(name, now),
                     Action::Forget => {
                         self.vms.remove(name);
@@ -569,8 +586,12 @@ impl<S: Spawner> Supervisor<S> {
         Some(match spawned {
             Ok(child) => {
                 vm.start_unix = unix_now();
+                let channel = child.channel.is_some();
                 vm.channel = child.channel;
-                machine::Event::Spawned { pid: child.pid }
+                machine::Event::Spawned {
+                    pid: child.pid,
+                    channel,
+                }
             }
             Err(e) => {
                 self.cgroups.exited(name, now);
@@ -608,11 +629,12 @@ impl<S: Spawner> Supervisor<S> {
                         .is_some_and(|v| *v.machine.spec() == done.spec) =>
             {
                 let pid = child.pid;
+                let channel = child.channel.is_some();
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.start_unix = unix_now();
                     vm.channel = child.channel;
                 }
-                self.dispatch(&name, machine::Event::Spawned { pid }, now);
+                self.dispatch(&name, machine::Event::Spawned { pid, channel }, now);
                 if let Some(how) = self.parked.remove(&pid) {
                     self.on_child_exit(pid, how, now);
                 }

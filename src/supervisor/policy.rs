@@ -115,21 +115,29 @@ pub enum VmState {
     Backoff,
     /// The supervisor asked the child to stop and waits for it to exit.
     Stopping,
-    /// No child and none planned (never started, stopped, or the policy said stay down).
+    /// No child and none planned (never started, stopped, or the policy said stay down);
+    /// a reload that edits its file starts it.
     Stopped,
-    /// The start limit was reached; it stays down until reset.
+    /// The start limit was reached; it stays down until `reset-failed` (or an edit).
     Failed,
+    /// The child's vCPUs are parked by a user (`pause`), until `resume`.
+    Paused,
+    /// A user stopped it (`stop`, `kill`): it stays down, through reloads and other VMs'
+    /// events, until a user starts it.
+    StoppedByUser,
 }
 
 impl VmState {
     /// Every state, in declaration order (for metrics that export one series per state).
-    pub const ALL: [VmState; 6] = [
+    pub const ALL: [VmState; 8] = [
         VmState::Starting,
         VmState::Running,
         VmState::Backoff,
         VmState::Stopping,
         VmState::Stopped,
         VmState::Failed,
+        VmState::Paused,
+        VmState::StoppedByUser,
     ];
 
     /// A short lower-case name, for logs and metrics labels.
@@ -141,6 +149,8 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
+            VmState::Paused => "paused",
+            VmState::StoppedByUser => "stopped-by-user",
         }
     }
 
@@ -148,7 +158,7 @@ impl VmState {
     pub fn has_child(&self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::Stopping
+            VmState::Starting | VmState::Running | VmState::Stopping | VmState::Paused
         )
     }
 }
@@ -266,14 +276,14 @@ impl Restarter {
     /// Stopped. Stopped and Failed do not change.
     pub fn stop_requested(&mut self) {
         match self.state {
-            VmState::Starting | VmState::Running | VmState::Stopping => {
+            VmState::Starting | VmState::Running | VmState::Stopping | VmState::Paused => {
                 self.stop_requested = true;
                 self.state = VmState::Stopping;
             }
             VmState::Backoff => {
                 self.state = VmState::Stopped;
             }
-            VmState::Stopped | VmState::Failed => {}
+            VmState::Stopped | VmState::Failed | VmState::StoppedByUser => {}
         }
     }
 
@@ -493,7 +503,14 @@ mod tests {
         assert_eq!(
             names,
             [
-                "starting", "running", "backoff", "stopping", "stopped", "failed"
+                "starting",
+                "running",
+                "backoff",
+                "stopping",
+                "stopped",
+                "failed",
+                "paused",
+                "stopped-by-user"
             ]
         );
         assert_eq!(VmState::Backoff.to_string(), "backoff");
