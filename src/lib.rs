@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
+pub mod control;
 pub mod metrics;
 pub mod protocol;
 pub mod supervisor;

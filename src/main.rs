@@ -10,9 +10,12 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use vmm_fleet::config::{FleetSettings, VmSpec, VmUser};
+use vmm_fleet::control::{Command as Wire, cli};
 use vmm_fleet::metrics::exporter::{Exporter, FleetMetrics};
 use vmm_fleet::metrics::http::{AddressHandle, LogFn};
 use vmm_fleet::protocol::ExitCode;
+use vmm_fleet::supervisor::console::Consoles;
+use vmm_fleet::supervisor::control::ControlServer;
 use vmm_fleet::supervisor::output::OutputHub;
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
 use vmm_fleet::supervisor::{Event, EventLog, FleetSource, STATE_NAMES, Supervisor};
@@ -48,6 +51,46 @@ enum Command {
         /// it at SIGHUP is then refused with a message; port 0 picks a free port).
         #[arg(long)]
         metrics_address: Option<std::net::SocketAddr>,
+        /// The control socket to listen on (default: $RUNTIME_DIRECTORY/control.sock
+        /// under systemd, else LOG_DIR/control.sock).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Show every VM (or VM NAME): state, pid, uptime, restarts, last exit, vCPUs,
+    /// memory, console file.
+    Status {
+        /// The VM (default: every VM).
+        name: Option<String>,
+        /// JSON (an array of objects with the same fields) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        ctl: ControlArg,
+    },
+    /// Stop VM NAME gracefully (Ctrl-Alt-Del, then the grace period, then SIGTERM and
+    /// SIGKILL); it stays stopped, through reloads, until `start`.
+    Stop(VmArg),
+    /// Start VM NAME (stopped, or waiting to restart).
+    Start(VmArg),
+    /// Stop VM NAME gracefully, then start it again.
+    Restart(VmArg),
+    /// Kill VM NAME at once (SIGKILL, no grace); it stays stopped until `start`.
+    Kill(VmArg),
+    /// Park VM NAME's vCPUs.
+    Pause(VmArg),
+    /// Run VM NAME's parked vCPUs again.
+    Resume(VmArg),
+    /// Clear VM NAME's start limit (state `failed`) and start it.
+    ResetFailed(VmArg),
+    /// Reread the VM directory (as SIGHUP) and say what changed, or why nothing did.
+    Reload {
+        #[command(flatten)]
+        ctl: ControlArg,
+    },
+    /// Re-execute the supervisor's binary (an upgrade), every VM kept running.
+    Reexec {
+        #[command(flatten)]
+        ctl: ControlArg,
     },
     /// Check every file in DIR and list every problem; exit 0 if all are valid, 1 if not.
     Validate {
@@ -96,6 +139,24 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OnOff::On)]
         seccomp: OnOff,
     },
+}
+
+/// Where a control command finds the daemon.
+#[derive(clap::Args)]
+struct ControlArg {
+    /// The control socket (default: $VMM_FLEET_CONTROL, else the packaged service's
+    /// /run/vmm-fleet/control.sock).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+/// A per-VM control command's arguments.
+#[derive(clap::Args)]
+struct VmArg {
+    /// The VM.
+    name: String,
+    #[command(flatten)]
+    ctl: ControlArg,
 }
 
 /// A switch given as `on` or `off`.
@@ -154,7 +215,18 @@ fn main() -> ProcessExit {
             settings,
             log_dir,
             metrics_address,
-        } => cmd_up(&dir, settings, log_dir, metrics_address),
+            control,
+        } => cmd_up(&dir, settings, log_dir, metrics_address, control),
+        Command::Status { name, json, ctl } => cli::status(ctl.control, name, json),
+        Command::Stop(a) => cli::vm(a.ctl.control, Wire::Stop { vm: a.name }),
+        Command::Start(a) => cli::vm(a.ctl.control, Wire::Start { vm: a.name }),
+        Command::Restart(a) => cli::vm(a.ctl.control, Wire::Restart { vm: a.name }),
+        Command::Kill(a) => cli::vm(a.ctl.control, Wire::Kill { vm: a.name }),
+        Command::Pause(a) => cli::vm(a.ctl.control, Wire::Pause { vm: a.name }),
+        Command::Resume(a) => cli::vm(a.ctl.control, Wire::Resume { vm: a.name }),
+        Command::ResetFailed(a) => cli::vm(a.ctl.control, Wire::ResetFailed { vm: a.name }),
+        Command::Reload { ctl } => cli::reload(ctl.control),
+        Command::Reexec { ctl } => cli::reexec(ctl.control),
     }
 }
 
@@ -199,6 +271,7 @@ fn cmd_up(
     settings: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     metrics_address: Option<std::net::SocketAddr>,
+    control: Option<PathBuf>,
 ) -> ProcessExit {
     let src = source(dir, settings, log_dir);
     let (settings, specs) = match src.load() {
@@ -257,6 +330,18 @@ fn cmd_up(
             return ProcessExit::FAILURE;
         }
     };
+    let control_path = vmm_fleet::control::server_socket(control, &settings.log_dir);
+    let control_log: vmm_fleet::supervisor::control::LogFn =
+        Arc::new(|prio, msg| EventLog::default().line(prio, msg));
+    let consoles = Arc::new(Consoles::default());
+    let server = match ControlServer::start(&control_path, tx.clone(), consoles, control_log) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}; nothing started");
+            return ProcessExit::FAILURE;
+        }
+    };
+    log.line(6, &format!("control socket on {}", server.path().display()));
     let handle = exporter.as_ref().map(Exporter::address_handle);
     let mut sup = Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log)
         .with_metrics(fleet)
@@ -267,6 +352,7 @@ fn cmd_up(
             metrics_address_changed(new, metrics_address, handle.as_ref())
         });
     let code = sup.run(&rx, &tx);
+    server.remove();
     drop(exporter);
     ProcessExit::from(code as u8)
 }

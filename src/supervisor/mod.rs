@@ -17,6 +17,8 @@
 
 pub mod cgroup;
 pub mod channel;
+pub mod console;
+pub mod control;
 pub mod machine;
 pub mod output;
 pub mod policy;
@@ -31,7 +33,7 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -42,6 +44,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::config::{ConfigError, FleetSettings, VmSpec, load_fleet};
+use crate::control::{Command as WireCommand, ReloadReport, Response as WireResponse, VmInfo};
 use crate::metrics::counters::SharedTable;
 use crate::metrics::exporter::{FleetMetrics, VmSnapshot};
 use machine::{Action, Machine, Timing};
@@ -156,6 +159,8 @@ pub enum Event {
     Loaded(Box<Result<(FleetSettings, Vec<VmSpec>), ConfigError>>),
     /// A spawner thread's answer ([`pool`]).
     Spawned(Box<pool::Done>),
+    /// A request from the control socket ([`control`]), answered on its channel.
+    Control(Box<control::ControlRequest>),
 }
 
 /// Most events the loop takes in one round before it reaps, runs timers and publishes.
@@ -218,6 +223,10 @@ pub struct Supervisor<S: Spawner> {
     strays: HashMap<u32, String>,
     /// Exits of children whose spawn answer has not been read yet.
     parked: HashMap<u32, ChildExit>,
+    /// `reload` requests answered when the load under way is applied.
+    reload_waiters: Vec<SyncSender<WireResponse>>,
+    /// `reload` requests that came during a load: answered after the next one.
+    reload_waiters_next: Vec<SyncSender<WireResponse>>,
 }
 
 /// Every state name, for the exporter.
@@ -264,6 +273,8 @@ impl<S: Spawner> Supervisor<S> {
             in_flight: 0,
             strays: HashMap::new(),
             parked: HashMap::new(),
+            reload_waiters: Vec::new(),
+            reload_waiters_next: Vec::new(),
         }
     }
 
@@ -423,6 +434,7 @@ impl<S: Spawner> Supervisor<S> {
             Event::Signal(sig) => self.on_signal(sig),
             Event::Loaded(loaded) => self.on_loaded(*loaded),
             Event::Spawned(done) => self.on_spawn_done(*done, Instant::now()),
+            Event::Control(req) => self.on_control(*req, Instant::now()),
         }
     }
 
@@ -463,37 +475,51 @@ impl<S: Spawner> Supervisor<S> {
             let Some(vm) = self.vms.get_mut(name) else {
                 return;
             };
-            for action in vm.machine.on_event(event, now) {
-                match action {
-                    Action::Log { prio, msg } => self.log.vm(prio, name, &msg),
-                    Action::Signal { pid, signal } => {
-                        if let Err(e) = self.spawner.signal(pid, signal) {
-                            self.log
-                                .vm(4, name, &format!("{} to pid {pid}: {e}", signal.as_str()));
-                        }
+            let actions = vm.machine.on_event(event, now);
+            next = self.carry_out(name, actions, now);
+        }
+    }
+
+    /// Carry out VM `name`'s machine's `actions`; returns what the machine must hear
+    /// next (a spawn's outcome, a failed send), if anything.
+    fn carry_out(
+        &mut self,
+        name: &str,
+        actions: Vec<Action>,
+        now: Instant,
+    ) -> Option<machine::Event> {
+        let mut next = None;
+        for action in actions {
+            match action {
+                Action::Log { prio, msg } => self.log.vm(prio, name, &msg),
+                Action::Signal { pid, signal } => {
+                    if let Err(e) = self.spawner.signal(pid, signal) {
+                        self.log
+                            .vm(4, name, &format!("{} to pid {pid}: {e}", signal.as_str()));
                     }
-                    Action::Send(msg) => {
-                        if next.is_some() {
-                            continue; // an earlier send failed: the machine hears of it first
-                        }
-                        let channel = self.vms.get(name).and_then(|v| v.channel.clone());
-                        let sent = match channel {
-                            Some(c) => c.send(&msg),
-                            None => Err(std::io::Error::other("no control channel")),
-                        };
-                        if let Err(e) = sent {
-                            next = Some(machine::Event::SendFailed {
-                                error: format!("{msg:?}: {e}"),
-                            });
-                        }
+                }
+                Action::Send(msg) => {
+                    if next.is_some() {
+                        continue; // an earlier send failed: the machine hears of it first
                     }
-                    Action::Spawn => next = self.spawn(name, now),
-                    Action::Forget => {
-                        self.vms.remove(name);
+                    let channel = self.vms.get(name).and_then(|v| v.channel.clone());
+                    let sent = match channel {
+                        Some(c) => c.send(&msg),
+                        None => Err(std::io::Error::other("no control channel")),
+                    };
+                    if let Err(e) = sent {
+                        next = Some(machine::Event::SendFailed {
+                            error: format!("{}: {e}", to_child_name(&msg)),
+                        });
                     }
+                }
+                Action::Spawn => next = self.spawn(name, now),
+                Action::Forget => {
+                    self.vms.remove(name);
                 }
             }
         }
+        next
     }
 
     fn dispatch_all(&mut self, event: &machine::Event, now: Instant) {
@@ -756,7 +782,8 @@ impl<S: Spawner> Supervisor<S> {
             }
         }
         let Some(tx) = self.events.clone() else {
-            self.reload();
+            let loaded = self.source.load();
+            self.on_loaded(loaded);
             return;
         };
         let source = self.source.clone();
@@ -776,13 +803,41 @@ impl<S: Spawner> Supervisor<S> {
     fn on_loaded(&mut self, loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>) {
         let again = self.reload == ReloadState::LoadingAndAgain;
         self.reload = ReloadState::Idle;
-        if self.stopping {
-            return;
+        let waiters = std::mem::take(&mut self.reload_waiters);
+        let outcome = if self.stopping {
+            Err("the fleet is stopping".to_string())
+        } else {
+            self.apply_reload_at(loaded, Instant::now())
+        };
+        let resp = match outcome {
+            Ok(report) => WireResponse {
+                reload: Some(report),
+                ..WireResponse::ok()
+            },
+            Err(e) => WireResponse::error(format!("reload refused, nothing changed: {e}")),
+        };
+        for w in waiters {
+            let _ = w.try_send(resp.clone());
         }
-        self.apply_reload(loaded);
-        if again {
+        self.reload_waiters = std::mem::take(&mut self.reload_waiters_next);
+        if self.stopping {
+            for w in std::mem::take(&mut self.reload_waiters) {
+                let _ = w.try_send(WireResponse::error("the fleet is stopping"));
+            }
+        } else if again {
             self.begin_reload();
         }
+    }
+
+    /// A `reload` request: answered once a load that starts after it is applied.
+    fn request_reload(&mut self, reply: SyncSender<WireResponse>) {
+        match self.reload {
+            ReloadState::Idle => self.reload_waiters.push(reply),
+            ReloadState::Loading | ReloadState::LoadingAndAgain => {
+                self.reload_waiters_next.push(reply)
+            }
+        }
+        self.begin_reload();
     }
 
     /// Re-read the directory on this thread and apply it (see [`Supervisor::apply_reload`]).
@@ -794,14 +849,15 @@ impl<S: Spawner> Supervisor<S> {
     /// Apply a loaded directory: start added VMs, stop removed ones, restart changed
     /// ones, leave the rest alone. A bad directory changes nothing.
     pub fn apply_reload(&mut self, loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>) {
-        self.apply_reload_at(loaded, Instant::now());
+        let _ = self.apply_reload_at(loaded, Instant::now());
     }
 
+    /// [`Supervisor::apply_reload`] at `now`: what changed, or why nothing did (one line).
     fn apply_reload_at(
         &mut self,
         loaded: Result<(FleetSettings, Vec<VmSpec>), ConfigError>,
         now: Instant,
-    ) {
+    ) -> Result<ReloadReport, String> {
         let loaded = loaded.and_then(|(settings, specs)| {
             // A fleet may start empty, but a reload that would stop every VM because
             // the directory lost all its files (a bad deploy, an unmounted volume) is
@@ -817,10 +873,16 @@ impl<S: Spawner> Supervisor<S> {
             Ok(x) => x,
             Err(e) => {
                 self.log.line(3, "reload refused, nothing changed:");
-                for line in e.to_string().lines() {
+                let text = e.to_string();
+                for line in text.lines() {
                     self.log.line(3, &format!("  {line}"));
                 }
-                return;
+                return Err(text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; "));
             }
         };
         if settings.metrics_address != self.settings.metrics_address
@@ -835,12 +897,12 @@ impl<S: Spawner> Supervisor<S> {
         }
         let mut new: BTreeMap<String, VmSpec> =
             specs.into_iter().map(|s| (s.name.clone(), s)).collect();
-        let (mut added, mut removed, mut changed) = (0, 0, 0);
+        let mut report = ReloadReport::default();
         let names: Vec<String> = self.vms.keys().cloned().collect();
         for name in names {
             let event = match new.remove(&name) {
                 None => {
-                    removed += 1;
+                    report.removed.push(name.clone());
                     machine::Event::Removed
                 }
                 Some(spec) => {
@@ -851,22 +913,121 @@ impl<S: Spawner> Supervisor<S> {
                     {
                         continue;
                     }
-                    changed += 1;
+                    report.changed.push(name.clone());
                     machine::Event::Reload(Box::new(spec))
                 }
             };
             self.dispatch(&name, event, now);
         }
         for (name, spec) in new {
-            added += 1;
+            report.added.push(name.clone());
             self.vms
                 .insert(name.clone(), Vm::new(spec, timing, &self.log));
             self.dispatch(&name, machine::Event::Start, now);
         }
         self.log.line(
             6,
-            &format!("reload: {added} added, {removed} removed, {changed} changed"),
+            &format!(
+                "reload: {} added, {} removed, {} changed",
+                report.added.len(),
+                report.removed.len(),
+                report.changed.len()
+            ),
         );
+        Ok(report)
+    }
+
+    /// Re-execute the supervisor's binary, VMs kept (issue 9 part 4; not in this build).
+    pub fn reexec(&mut self) -> Result<(), String> {
+        Err("reexec is not implemented in this build".into())
+    }
+
+    /// One VM's status as the control socket reports it.
+    fn vm_info(&self, name: &str, vm: &Vm, now_unix: Option<f64>) -> VmInfo {
+        let m = &vm.machine;
+        let pid = m.pid();
+        let uptime_s = match (pid, vm.start_unix, now_unix) {
+            (Some(_), Some(start), Some(now)) => Some((now - start).max(0.0)),
+            _ => None,
+        };
+        VmInfo {
+            name: name.to_string(),
+            state: m.vm_state().as_str().to_string(),
+            pid,
+            uptime_s,
+            restarts: m.restarts(),
+            last_exit: m.last_exit().map(|e| e.describe()),
+            last_exit_status: m.last_exit().map(|e| e.status_number()),
+            vcpus: m.spec().vcpus,
+            memory_mib: m.spec().memory_mib,
+            console_file: output::log_files(&self.settings.log_dir, name).0,
+        }
+    }
+
+    /// A control request: answered now (a reload: once its load is applied).
+    fn on_control(&mut self, req: control::ControlRequest, now: Instant) {
+        let reply = req.reply;
+        let resp = match req.command {
+            WireCommand::Reload if self.stopping => WireResponse::error("the fleet is stopping"),
+            WireCommand::Reload => return self.request_reload(reply),
+            WireCommand::Reexec => match self.reexec() {
+                Ok(()) => WireResponse::ok(),
+                Err(e) => WireResponse::error(format!("reexec refused: {e}")),
+            },
+            WireCommand::Status { vm: None } => {
+                let now_unix = unix_now();
+                WireResponse {
+                    vms: Some(
+                        self.vms
+                            .iter()
+                            .map(|(n, v)| self.vm_info(n, v, now_unix))
+                            .collect(),
+                    ),
+                    ..WireResponse::ok()
+                }
+            }
+            WireCommand::Status { vm: Some(name) }
+            | WireCommand::Console { vm: name }
+            | WireCommand::Logs { vm: name, .. } => match self.vms.get(&name) {
+                Some(v) => WireResponse {
+                    vms: Some(vec![self.vm_info(&name, v, unix_now())]),
+                    ..WireResponse::ok()
+                },
+                None => unknown_vm(&name),
+            },
+            WireCommand::Stop { vm } => self.vm_command(&vm, machine::Command::Stop, now),
+            WireCommand::Start { vm } => self.vm_command(&vm, machine::Command::Start, now),
+            WireCommand::Restart { vm } => self.vm_command(&vm, machine::Command::Restart, now),
+            WireCommand::Kill { vm } => self.vm_command(&vm, machine::Command::Kill, now),
+            WireCommand::Pause { vm } => self.vm_command(&vm, machine::Command::Pause, now),
+            WireCommand::Resume { vm } => self.vm_command(&vm, machine::Command::Resume, now),
+            WireCommand::ResetFailed { vm } => {
+                self.vm_command(&vm, machine::Command::ResetFailed, now)
+            }
+        };
+        let _ = reply.try_send(resp);
+    }
+
+    /// A user's command for VM `name`, carried out; the answer names its state after.
+    fn vm_command(&mut self, name: &str, cmd: machine::Command, now: Instant) -> WireResponse {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return unknown_vm(name);
+        };
+        match vm.machine.on_command(cmd, now) {
+            Err(refusal) => WireResponse::error(refusal.to_string()),
+            Ok(actions) => {
+                if let Some(next) = self.carry_out(name, actions, now) {
+                    self.dispatch(name, next, now);
+                }
+                WireResponse {
+                    state: self
+                        .vms
+                        .get(name)
+                        .map(|v| v.machine.vm_state().as_str().to_string()),
+                    ..WireResponse::ok()
+                }
+            }
+        }
     }
 }
 
@@ -891,4 +1052,19 @@ fn unix_now() -> Option<f64> {
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()
         .map(|d| d.as_secs_f64())
+}
+
+/// A message to a child, named for the log.
+fn to_child_name(msg: &crate::protocol::ToChild) -> &'static str {
+    use crate::protocol::ToChild;
+    match msg {
+        ToChild::Pause => "pause",
+        ToChild::Resume => "resume",
+        ToChild::CtrlAltDel => "Ctrl-Alt-Del",
+        ToChild::Console(_) => "console input",
+    }
+}
+
+fn unknown_vm(name: &str) -> WireResponse {
+    WireResponse::error(format!("unknown VM: {name}"))
 }

@@ -19,6 +19,23 @@ struct FakeSpawner {
     fail: Option<String>,
     spawned: Vec<(String, u64, u32)>,
     signals: Vec<(u32, Signal)>,
+    /// Give each child a real control channel; the child's ends, by pid.
+    channels: Option<HashMap<u32, std::os::fd::OwnedFd>>,
+}
+
+impl FakeSpawner {
+    /// Every message child `pid` has been sent so far.
+    fn received(&self, pid: u32) -> Vec<crate::protocol::ToChild> {
+        use nix::sys::socket::{MsgFlags, recv};
+        use std::os::fd::AsRawFd;
+        let fd = &self.channels.as_ref().expect("channels on")[&pid];
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            got.push(crate::protocol::ToChild::decode(&buf[..n]).expect("a valid packet"));
+        }
+        got
+    }
 }
 
 impl Spawner for FakeSpawner {
@@ -30,7 +47,15 @@ impl Spawner for FakeSpawner {
         self.next_pid += 1;
         self.spawned
             .push((req.spec.name.clone(), req.spec.memory_mib, pid));
-        Ok(Child { pid, channel: None })
+        let channel = match &mut self.channels {
+            Some(ends) => {
+                let (ours, theirs) = channel::ChildChannel::pair()?;
+                ends.insert(pid, theirs);
+                Some(Arc::new(ours))
+            }
+            None => None,
+        };
+        Ok(Child { pid, channel })
     }
 
     fn signal(&mut self, pid: u32, sig: Signal) -> std::io::Result<()> {
@@ -106,8 +131,25 @@ impl Harness {
     }
 
     fn reload(&mut self, specs: Vec<VmSpec>, ms: u64) {
+        let _ = self.reload_report(specs, ms);
+    }
+
+    /// A reload, and what it reports changed (or why it was refused).
+    fn reload_report(&mut self, specs: Vec<VmSpec>, ms: u64) -> Result<ReloadReport, String> {
         self.sup
-            .apply_reload_at(Ok((settings(), specs)), self.at(ms));
+            .apply_reload_at(Ok((settings(), specs)), self.at(ms))
+    }
+
+    /// A control request, answered by the loop's handler at once.
+    fn ask(&mut self, command: WireCommand, ms: u64) -> WireResponse {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let req = control::ControlRequest {
+            command,
+            uid: 0,
+            reply: tx,
+        };
+        self.sup.on_control(req, self.at(ms));
+        rx.try_recv().expect("an answer at once")
     }
 
     fn status(&self, vm: &str) -> Option<VmStatus> {
@@ -576,7 +618,7 @@ fn an_edit_during_a_spawn_starts_the_new_spec() {
     let (mut sup, rx, _log) = threaded(vec![spec("a", 16)], &spawner, 1);
     let t0 = Instant::now();
     sup.start_all(t0);
-    sup.apply_reload_at(Ok((settings(), vec![spec("a", 32)])), t0);
+    let _ = sup.apply_reload_at(Ok((settings(), vec![spec("a", 32)])), t0);
     // The first child has the old spec: killed, and a second one asked for.
     let done = next_done(&rx);
     let old = done.result.as_ref().expect("a pid").pid;
@@ -596,4 +638,159 @@ fn an_edit_during_a_spawn_starts_the_new_spec() {
     sup.on_child_exit(old, ChildExit::Signal(9), t0);
     assert!(sup.strays.is_empty());
     assert_eq!(sup.status()[0].pid, Some(new));
+}
+
+fn stop(vm: &str) -> WireCommand {
+    WireCommand::Stop { vm: vm.into() }
+}
+
+fn start(vm: &str) -> WireCommand {
+    WireCommand::Start { vm: vm.into() }
+}
+
+#[test]
+fn a_user_stop_holds_through_another_vms_crash_and_a_reload() {
+    use crate::protocol::ToChild;
+    let mut h = Harness::new(vec![spec("a", 16), spec("b", 16)]);
+    h.sup.spawner.channels = Some(HashMap::new());
+    h.start(0);
+    h.timers(500);
+    let a = h.pid("a").unwrap();
+    let r = h.ask(stop("a"), 1000);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.state.as_deref(), Some("stopping"));
+    assert_eq!(h.sup.spawner.received(a), [ToChild::CtrlAltDel]);
+    assert!(
+        h.sup.spawner.signals.is_empty(),
+        "no signal while the guest has its grace"
+    );
+    // The guest powers off (its answer to Ctrl-Alt-Del): stopped, by its user.
+    h.exit("a", ChildExit::Code(ExitCode::GuestPoweroff), 1500);
+    assert_eq!(h.status("a").unwrap().state, VmState::StoppedByUser);
+    // b crashes and is restarted; a stays down.
+    h.exit("b", ChildExit::Signal(9), 2000);
+    h.run_timers_until(3000);
+    assert_eq!(h.status("b").unwrap().state, VmState::Running);
+    assert_eq!(h.status("a").unwrap().pid, None);
+    // A reload that edits a: it takes the new spec and stays down.
+    let report = h.reload_report(vec![spec("a", 32), spec("b", 16)], 3100);
+    assert_eq!(
+        report,
+        Ok(ReloadReport {
+            added: vec![],
+            removed: vec![],
+            changed: vec!["a".into()],
+        })
+    );
+    assert_eq!(h.status("a").unwrap().state, VmState::StoppedByUser);
+    let r = h.ask(stop("a"), 3200);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("vm a is already stopped (stopped-by-user)")
+    );
+    let r = h.ask(start("a"), 3300);
+    assert_eq!(r.state.as_deref(), Some("starting"));
+    assert_eq!(h.sup.spawner.spawned.last().unwrap().1, 32, "the new spec");
+    let r = h.ask(start("a"), 3400);
+    assert_eq!(r.error.as_deref(), Some("vm a is already starting"));
+    let r = h.ask(start("nope"), 3500);
+    assert_eq!(r.error.as_deref(), Some("unknown VM: nope"));
+    // The status answer has every field for each VM.
+    let r = h.ask(WireCommand::Status { vm: None }, 3600);
+    let vms = r.vms.unwrap();
+    assert_eq!(vms.len(), 2);
+    assert_eq!(vms[0].name, "a");
+    assert_eq!(vms[0].state, "starting");
+    assert_eq!(vms[0].pid, h.pid("a"));
+    assert_eq!(vms[0].memory_mib, 32);
+    assert_eq!(vms[0].console_file, Path::new("/nonexistent/log/a.console"));
+    assert_eq!(vms[1].restarts, 1);
+    assert_eq!(vms[1].last_exit_status, Some(137));
+}
+
+#[test]
+fn pause_resume_and_a_graceful_stop_reach_the_child_on_its_channel() {
+    use crate::protocol::ToChild;
+    let mut h = Harness::new(vec![spec("a", 16)]);
+    h.sup.spawner.channels = Some(HashMap::new());
+    h.start(0);
+    h.timers(500);
+    let a = h.pid("a").unwrap();
+    let pause = || WireCommand::Pause { vm: "a".into() };
+    assert_eq!(h.ask(pause(), 600).state.as_deref(), Some("paused"));
+    assert_eq!(
+        h.ask(pause(), 700).error.as_deref(),
+        Some("vm a is already paused")
+    );
+    let r = h.ask(WireCommand::Resume { vm: "a".into() }, 800);
+    assert_eq!(r.state.as_deref(), Some("running"));
+    assert_eq!(h.sup.spawner.received(a), [ToChild::Pause, ToChild::Resume]);
+    // SIGTERM to the fleet: Ctrl-Alt-Del, then SIGTERM after the grace, then SIGKILL.
+    h.sup.begin_stop(h.at(1000));
+    assert_eq!(h.sup.spawner.received(a), [ToChild::CtrlAltDel]);
+    h.run_timers_until(1000 + 10_000);
+    assert_eq!(h.sup.spawner.signals, [(a, Signal::SIGTERM)]);
+    h.run_timers_until(1000 + 10_000 + 3_000);
+    assert_eq!(
+        h.sup.spawner.signals,
+        [(a, Signal::SIGTERM), (a, Signal::SIGKILL)]
+    );
+    h.exit("a", ChildExit::Signal(9), 14_100);
+    assert!(h.sup.all_stopped());
+    assert_eq!(
+        h.ask(start("a"), 14_200).error.as_deref(),
+        Some("vm a: the fleet is stopping")
+    );
+}
+
+#[test]
+fn a_child_whose_channel_is_gone_is_hard_stopped_at_once() {
+    let mut h = Harness::new(vec![spec("a", 16)]);
+    h.sup.spawner.channels = Some(HashMap::new());
+    h.start(0);
+    let a = h.pid("a").unwrap();
+    // The child closed its end (it died, or never read it).
+    h.sup.spawner.channels.as_mut().unwrap().remove(&a);
+    h.lines();
+    let r = h.ask(stop("a"), 100);
+    assert!(r.ok);
+    assert_eq!(h.sup.spawner.signals, [(a, Signal::SIGTERM)]);
+    let log = h.lines();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("vm a: cannot ask the guest to shut down: Ctrl-Alt-Del:")),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn reset_failed_and_reload_through_the_control_handler() {
+    let mut s = spec("a", 16);
+    s.restart.start_limit_burst = 2;
+    let mut h = Harness::new(vec![s]);
+    h.start(0);
+    h.exit("a", ChildExit::Code(ExitCode::GuestCrash), 10);
+    h.run_timers_until(200);
+    h.exit("a", ChildExit::Code(ExitCode::GuestCrash), 210);
+    assert_eq!(h.status("a").unwrap().state, VmState::Failed);
+    let r = h.ask(start("a"), 300);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("vm a has failed (start limit); `reset-failed a` starts it again")
+    );
+    let r = h.ask(WireCommand::ResetFailed { vm: "a".into() }, 400);
+    assert_eq!(r.state.as_deref(), Some("starting"));
+    assert_eq!(h.pid("a"), Some(1002));
+    // `reload` with no loader thread (as here) loads at once: /nonexistent is refused,
+    // and the answer says why; nothing changed.
+    let r = h.ask(WireCommand::Reload, 500);
+    let e = r.error.unwrap();
+    assert!(e.starts_with("reload refused, nothing changed: "), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+    assert_eq!(h.pid("a"), Some(1002));
+    let r = h.ask(WireCommand::Reexec, 600);
+    assert_eq!(
+        r.error.as_deref(),
+        Some("reexec refused: reexec is not implemented in this build")
+    );
 }
