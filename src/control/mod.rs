@@ -375,19 +375,26 @@ pub fn connect(
             "the connection closed without an answer".into(),
         ));
     }
+    // The version first: a newer daemon's answer may not fit this build's fields.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u64,
+    }
+    if let Ok(v) = serde_json::from_slice::<Versioned>(&answer)
+        && v.version != u64::from(VERSION)
+    {
+        return Err(ClientError::Version(format!(
+            "the daemon speaks control protocol version {}, this vmm-fleet {VERSION}: use the \
+             vmm-fleet binary of the running service",
+            v.version
+        )));
+    }
     let resp: Response = serde_json::from_slice(&answer).map_err(|e| {
         ClientError::BadAnswer(
             path.to_path_buf(),
             format!("{e}: {}", String::from_utf8_lossy(&answer).trim_end()),
         )
     })?;
-    if resp.version != VERSION {
-        return Err(ClientError::Version(format!(
-            "the daemon speaks control protocol version {}, this vmm-fleet {VERSION}: use the \
-             vmm-fleet binary of the running service",
-            resp.version
-        )));
-    }
     if !resp.ok {
         let msg = resp
             .error
@@ -492,5 +499,55 @@ mod tests {
             Response::error("vm a is already stopped").to_line(),
             "{\"version\":1,\"ok\":false,\"error\":\"vm a is already stopped\"}\n"
         );
+    }
+
+    /// A one-connection daemon at a fresh path that reads the request line and answers
+    /// `answer` (none: it never answers).
+    fn fake_daemon(name: &str, answer: Option<&'static str>) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("vmm-fleet-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            match answer {
+                Some(a) => (&s).write_all(a.as_bytes()).unwrap(),
+                None => std::thread::sleep(Duration::from_secs(5)),
+            }
+        });
+        path
+    }
+
+    #[test]
+    fn a_daemon_of_another_version_or_silent_is_a_clear_error_never_a_hang() {
+        let status = Request::new(Command::Status { vm: None });
+        let p = fake_daemon("v2", Some("{\"version\":2,\"ok\":true,\"vms\":7}\n"));
+        let e = request(&p, &status, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the daemon speaks control protocol version 2, this vmm-fleet 1: use the \
+             vmm-fleet binary of the running service"
+        );
+        let p = fake_daemon("silent", None);
+        let t = std::time::Instant::now();
+        let e = request(&p, &status, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(..)), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        let p = fake_daemon(
+            "denied",
+            Some("{\"version\":1,\"ok\":false,\"error\":\"permission denied\"}\n"),
+        );
+        let e = request(&p, &status, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, ClientError::PermissionDenied(_)), "{e}");
+        let e = request(
+            Path::new("/nonexistent/x.sock"),
+            &status,
+            Duration::from_secs(1),
+        );
+        assert!(matches!(e, Err(ClientError::Missing(_))));
     }
 }
