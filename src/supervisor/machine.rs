@@ -443,7 +443,10 @@ impl Machine {
         match (cmd, &self.state) {
             (Command::Stop, State::Stopping { then, .. }) => match then {
                 Then::UserStop => Err(refuse(self, Reason::AlreadyStopping)),
-                _ => Ok(self.stop(Then::UserStop, now)),
+                _ => {
+                    self.make_user_stop();
+                    Ok(vec![log(6, "stays stopped once down (asked by a user)")])
+                }
             },
             (Command::Stop | Command::Kill, State::Spawning) => {
                 // Cancelled: its child, when the spawner answers, is killed unseen.
@@ -470,8 +473,12 @@ impl Machine {
             | (Command::Start | Command::Restart, State::Spawning) => {
                 Err(refuse(self, Reason::AlreadyRunning))
             }
-            (Command::Start | Command::Restart, State::Stopping { .. }) => {
-                // Started again once the child is gone.
+            (Command::Start | Command::Restart, State::Stopping { then, .. }) => {
+                // Started again once the child is gone (an edit's stop does that anyway,
+                // with its new spec).
+                if matches!(then, Then::Replace(_)) {
+                    return Ok(Vec::new());
+                }
                 Ok(self.stop(Then::Restart, now))
             }
             (
@@ -483,7 +490,10 @@ impl Machine {
                 State::Starting { .. } | State::Running { .. } | State::Paused { .. },
             ) => Ok(self.stop(Then::Restart, now)),
             (Command::Kill, _) => match self.pid() {
-                Some(pid) => Ok(self.kill(pid)),
+                Some(pid) => {
+                    self.make_user_stop();
+                    Ok(self.kill(pid))
+                }
                 None => Err(refuse(self, Reason::NotRunning)),
             },
             (Command::Pause, State::Starting { pid, .. } | State::Running { pid }) => {
@@ -740,6 +750,18 @@ impl Machine {
             pid,
             signal: Signal::SIGKILL,
         }]
+    }
+
+    /// A stop under way ends stopped by the user; an edit it was for is kept as the spec
+    /// the VM starts with later.
+    fn make_user_stop(&mut self) {
+        let old = match &mut self.state {
+            State::Stopping { then, .. } => std::mem::replace(then, Then::UserStop),
+            _ => return,
+        };
+        if let Then::Replace(spec) = old {
+            self.replace_spec(*spec);
+        }
     }
 
     /// The new spec of an edited VM: its restart count and last exit are kept, its
@@ -1956,6 +1978,27 @@ mod tests {
             ["<6>stopped (asked by a user)"]
         );
         assert_eq!((m.vm_state(), m.deadline()), (StoppedByUser, None));
+    }
+
+    #[test]
+    fn a_user_stop_or_kill_during_an_edits_stop_keeps_the_edit_and_stays_down() {
+        let t0 = Instant::now();
+        for cmd in [Command::Stop, Command::Kill] {
+            let mut m = running_with_channel(t0);
+            assert_eq!(show(&m.on_event(reload(spec("a", 32)), t0)), [CAD, ASKED]);
+            // start/restart while an edit's stop runs: it restarts anyway.
+            assert_eq!(command(&mut m, t0, 0, Command::Start), Vec::<String>::new());
+            command(&mut m, t0, 0, cmd);
+            assert_eq!(m.spec(), &spec("a", 32), "{cmd:?}");
+            let got = show(&m.on_event(signal(9), t0));
+            assert_eq!(
+                got.last().unwrap(),
+                "<6>stopped (by a user; `start` brings it back)",
+                "{cmd:?}"
+            );
+            assert_eq!(m.vm_state(), StoppedByUser);
+            assert!(!m.changed_by(&spec("a", 32)));
+        }
     }
 
     #[test]
