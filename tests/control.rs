@@ -398,6 +398,12 @@ fn reload_answers_with_what_changed_or_why_not() {
     );
     assert!(err.contains("bad.yaml"), "{err}");
     wait_state(&sock, "n", "running", &fleet);
+    // The fleet's exit takes its socket away.
+    let mut fleet = fleet;
+    fleet.signal(Signal::SIGTERM);
+    let st = wait_with_limit(&mut fleet.child, Duration::from_secs(30));
+    assert_eq!(st.code(), Some(0), "{}", fleet.log());
+    assert!(!sock.exists());
 }
 
 #[test]
