@@ -3,15 +3,18 @@
 //!
 //! The loop waits on one channel of [`Event`]s, fed by a signal thread (signal-hook), by
 //! the worker thread of a reload (whose reading of the directory, whatever it holds,
-//! never delays signals and reaping) and by the spawner threads ([`pool`]: the fork and
-//! exec of thousands of children never delay them either), with a timeout set to the
-//! next timer (a backoff, a settle time, a kill deadline, systemd's watchdog): no
+//! never delays signals and reaping), by the spawner threads ([`pool`]: the fork and
+//! exec of thousands of children never delay them either) and by the control socket's
+//! connection threads ([`control`]: a request arrives whole and validated and is
+//! answered on its own channel, so no client ever blocks the loop), with a timeout set
+//! to the next timer (a backoff, a settle time, a stop phase, systemd's watchdog): no
 //! polling. Children's output goes to the output thread ([`output`]), never through the
 //! loop.
 //!
 //! Each VM's lifecycle is its state machine's ([`machine`]): the loop only turns OS
-//! events (a reaped child with its typed exit, a due timer, a reload's result, a stop)
-//! into machine events, and the machine's actions into syscalls (spawn, kill, log). Every
+//! events (a reaped child with its typed exit, a due timer, a reload's result, a stop,
+//! a user's command) into machine events, and the machine's actions into syscalls
+//! (spawn, kill, a message on the child's control channel, log). Every
 //! handler takes the time as an argument, so the whole loop is tested with a fake
 //! spawner and a fake clock (`tests.rs`).
 
