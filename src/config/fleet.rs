@@ -57,8 +57,9 @@ pub struct FleetSettings {
     pub log_dir: PathBuf,
     /// Address of the `/metrics` endpoint (`metrics_address`, default `127.0.0.1:9464`).
     pub metrics_address: SocketAddr,
-    /// Time between SIGTERM and SIGKILL when stopping a VM (`stop_grace_s`, 1..=3600,
-    /// default 10 s).
+    /// How long a stopped VM's guest gets to shut down after Ctrl-Alt-Del before the
+    /// hard stop (for a child without a control channel: from SIGTERM to SIGKILL)
+    /// (`stop_grace_s`, 1..=3600, default 10 s).
     pub stop_grace: Duration,
     /// `memory_overcommit: true` disables the "total memory beyond the host's" check.
     pub memory_overcommit: bool,
