@@ -106,11 +106,22 @@ impl ControlServer {
         let listener = UnixListener::bind(path).map_err(io_err("bind"))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o660))
             .map_err(io_err("chmod 0660"))?;
+        // The group is the process's unless the directory is setgid; chown only then
+        // (the packaged unit's syscall filter refuses chown: it never needs it).
         let egid = nix::unistd::getegid();
-        if let Err(e) = nix::unistd::chown(path, None, Some(egid)) {
-            log(4, &format!("control socket {}: chgrp: {e}", path.display()));
+        let mut gid = fs::metadata(path).map_err(io_err("stat"))?.gid();
+        if gid != egid.as_raw() {
+            match nix::unistd::chown(path, None, Some(egid)) {
+                Ok(()) => gid = egid.as_raw(),
+                Err(e) => log(
+                    4,
+                    &format!(
+                        "control socket {}: chgrp to gid {egid}: {e}",
+                        path.display()
+                    ),
+                ),
+            }
         }
-        let gid = fs::metadata(path).map_err(io_err("stat"))?.gid();
         let shared = Arc::new(Shared {
             events,
             consoles,
