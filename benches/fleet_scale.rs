@@ -11,7 +11,12 @@
 //!   target: 1000 VMs within 3 s, 3000 within 10 s on a 2-core host);
 //! - the supervisor's and the host's memory once all heartbeat (`VmRSS`, `MemAvailable`
 //!   before and after);
-//! - **stop**: SIGTERM to the supervisor until it has exited, then that no child is left.
+//! - **stop**: SIGTERM to the supervisor until it has exited, then that no child is left;
+//! - **CPU to heartbeat**: the run time of every thread of the supervisor and of its
+//!   children (`/proc/PID/task/TID/schedstat`) once all heartbeat, per VM;
+//! - **CPU**: user + system time of the supervisor and every VM child it reaped, from `up`
+//!   to the end of the stop (`getrusage(RUSAGE_CHILDREN)`), in total and per VM: what the
+//!   start-up costs whatever else runs on the host (the wall times above depend on it).
 //!
 //! `VMM_FLEET_BENCH_BIN` runs another build of the binary (e.g. the one before a change).
 //! Needs a readable `/dev/kvm` (prints a note and exits without). The supervisor's fd
@@ -93,6 +98,29 @@ fn until_all(files: &[PathBuf], needle: &[u8], t0: Instant, limit: Duration) -> 
     }
 }
 
+/// User + system seconds of every child of this process waited for so far (and of the
+/// children they waited for).
+fn children_cpu_s() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_CHILDREN).map_or(0.0, |u| {
+        let tv = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        tv(u.user_time()) + tv(u.system_time())
+    })
+}
+
+/// Seconds every live thread of process `pid` has run so far.
+fn run_time_s(pid: u32) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|ns| ns as f64 / 1e9)
+        .sum()
+}
+
 /// Pids of the live children of `pid`.
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -138,6 +166,7 @@ fn one_run(bin: &str, n: usize) -> Res<()> {
         .stdout(Stdio::null())
         .stderr(fs::File::create(dir.join("up.log")).map_err(|e| e.to_string())?)
         .process_group(0);
+    let cpu_before = children_cpu_s();
     let t0 = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("spawn {bin} up: {e}"))?;
     let sup = child.id();
@@ -145,25 +174,33 @@ fn one_run(bin: &str, n: usize) -> Res<()> {
         let limit = Duration::from_secs(30 + n as u64 / 20);
         let boot = until_all(&consoles, b"vcpu 0 up\n", t0, limit)?;
         let beat = until_all(&consoles, b"heartbeat ", t0, limit)?;
+        let kids = children(sup);
+        let cpu_beat = std::iter::once(sup)
+            .chain(kids.iter().copied())
+            .map(run_time_s)
+            .sum::<f64>();
         let sup_rss = status_kib(sup, "VmRSS:").unwrap_or(0);
         let avail_after = mem_available_kib();
-        let kids = children(sup);
         let t_stop = Instant::now();
         kill(Pid::from_raw(sup as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
         let code = child.wait().map_err(|e| e.to_string())?;
         let stop = ms(t_stop.elapsed()) / 1000.0;
+        let cpu = children_cpu_s() - cpu_before;
         // Orphans are reaped late by PID 1 here: a zombie counts as gone.
         let left = kids.iter().filter(|p| alive(**p)).count();
         println!(
             "fleet_scale: {n} VMs ({MEMORY_MIB} MiB, heartbeat {HEARTBEAT_MS} ms): all booted \
              {boot:.2} s, all heartbeating {beat:.2} s after up; supervisor RSS {:.1} MiB; \
              host memory used by the fleet {:.2} GiB ({:.1} MiB/VM); stop {stop:.2} s ({code}); \
-             {} of {} children left",
+             {} of {} children left; CPU to heartbeat {:.2} ms/VM, in all {cpu:.2} s \
+             ({:.2} ms/VM)",
             sup_rss as f64 / 1024.0,
             avail_before.saturating_sub(avail_after) as f64 / 1024.0 / 1024.0,
             avail_before.saturating_sub(avail_after) as f64 / 1024.0 / n as f64,
             left,
-            kids.len()
+            kids.len(),
+            cpu_beat * 1000.0 / n as f64,
+            cpu * 1000.0 / n as f64
         );
         if left > 0 {
             return Err(format!("{left} children left after the stop"));

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -126,8 +126,9 @@ struct Leftover {
     attempts: u32,
 }
 
-/// The paths a child writes "0" to, in its `pre_exec`, to enter its VM's cgroup: made
-/// before the fork, so joining allocates nothing.
+/// Where a child goes to enter its VM's cgroup (the `cgroup.procs` file of each
+/// hierarchy): the spawner writes the child's pid there ([`Placement::place`]); a
+/// process can also move itself between fork and exec ([`Placement::join`]).
 #[derive(Debug, Clone, Default)]
 pub struct Placement {
     procs: Vec<CString>,
@@ -152,6 +153,28 @@ impl Placement {
                 if n != 1 {
                     return Err(err);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Move process `pid` (all its threads) into the VM's cgroup of every hierarchy,
+    /// from the outside: how the spawner places a VM child, right after it has started
+    /// and before it is sent the spec it needs to make its VM (so no VM memory, vCPU or
+    /// thread of it ever exists outside the cgroup). The caller needs write access to
+    /// the `cgroup.procs` files (the supervisor's user made them).
+    pub fn place(&self, pid: u32) -> io::Result<()> {
+        let pid = pid.to_string();
+        for path in &self.procs {
+            let path = Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
+            let mut f = fs::OpenOptions::new().write(true).open(path)?;
+            // One write() per pid: the kernel reads cgroup.procs writes whole.
+            let n = f.write(pid.as_bytes())?;
+            if n != pid.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("{}: short write of pid {pid}", path.display()),
+                ));
             }
         }
         Ok(())

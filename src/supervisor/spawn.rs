@@ -8,22 +8,27 @@
 //! console) and stderr (its log) are pipes read by the supervisor's output thread
 //! ([`super::output`]), which writes `LOG_DIR/NAME.console` and `.log`.
 //!
-//! Between fork and exec (`ChildSetup`) the child gets its own session (signals to the
-//! supervisor's process group or terminal never reach it), its counter table at fd 3,
-//! its control channel ([`super::channel`]) at fd 4 and every other inherited fd but 0,
-//! 1, 2 closed at exec; it starts with an empty
-//! environment. The rest of the jail (user, rlimits, no_new_privs, not dumpable) is done
-//! by the child itself once it has opened what its VM needs (`vm::jail`).
+//! Between its start and exec (`posix_spawn`'s attributes and file actions) the child
+//! gets its own session (signals to the supervisor's process group or terminal never
+//! reach it), its counter table at fd 3, its control channel ([`super::channel`]) at fd 4
+//! and every other fd but 0, 1, 2 closed; it starts with an empty environment. The
+//! spawner then writes its pid into its VM's cgroup ([`super::cgroup::Placement::place`])
+//! and only then sends it the spec: the child makes nothing of its VM before it has read
+//! the spec, so no VM ever runs outside its cgroup. The rest of the jail (user, rlimits,
+//! no_new_privs, not dumpable) is done by the child itself once it has opened what its VM
+//! needs (`vm::jail`).
 
+use std::ffi::{CStr, CString};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use nix::fcntl::{FcntlArg, fcntl};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::stat::Mode;
+use nix::unistd::{Pid, pipe2};
 
 use std::sync::Arc;
 
@@ -71,7 +76,13 @@ pub trait Spawner {
     fn signal(&mut self, pid: u32, sig: Signal) -> io::Result<()>;
 }
 
-/// The real spawner: fork + exec of `/proc/self/exe run-vm`.
+/// The real spawner: `posix_spawn` of `/proc/self/exe run-vm`.
+///
+/// glibc's posix_spawn starts the child with clone(CLONE_VM|CLONE_VFORK): nothing of the
+/// supervisor's memory is copied (a fork() copies the page tables of the whole
+/// supervisor, tens of MiB with a large fleet, and then takes copy-on-write faults in
+/// both processes), and the session, the fds and the signal state are set by the file
+/// actions and attributes below, between clone and exec.
 #[derive(Clone)]
 pub struct ProcessSpawner {
     exe: PathBuf,
@@ -83,108 +94,117 @@ impl ProcessSpawner {
         ProcessSpawner { exe }
     }
 
-    fn command(&self, req: &SpawnRequest<'_>, setup: &ChildSetup) -> Command {
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg0("vmm-fleet")
-            .arg("run-vm")
-            .arg("--vm")
-            .arg(&req.spec.name)
-            .arg("--supervisor-pid")
-            .arg(std::process::id().to_string())
-            .arg("--spec-stdin");
-        if setup.table.is_some() {
-            cmd.arg("--counters-fd").arg(COUNTERS_FD.to_string());
+    fn argv(&self, req: &SpawnRequest<'_>, table: bool) -> io::Result<Vec<CString>> {
+        let mut args: Vec<String> = vec![
+            "vmm-fleet".into(),
+            "run-vm".into(),
+            "--vm".into(),
+            req.spec.name.clone(),
+            "--supervisor-pid".into(),
+            std::process::id().to_string(),
+            "--spec-stdin".into(),
+        ];
+        if table {
+            args.extend(["--counters-fd".into(), COUNTERS_FD.to_string()]);
         }
-        if setup.control.is_some() {
-            cmd.arg("--control-fd").arg(CONTROL_FD.to_string());
-        }
+        args.extend(["--control-fd".into(), CONTROL_FD.to_string()]);
         if !req.seccomp {
-            cmd.arg("--seccomp").arg("off");
+            args.extend(["--seccomp".into(), "off".into()]);
         }
         if let Some(u) = req.user {
-            cmd.arg("--uid")
-                .arg(u.uid.to_string())
-                .arg("--gid")
-                .arg(u.gid.to_string());
+            args.extend([
+                "--uid".into(),
+                u.uid.to_string(),
+                "--gid".into(),
+                u.gid.to_string(),
+            ]);
             if let Some(k) = u.kvm_gid {
-                cmd.arg("--kvm-gid").arg(k.to_string());
+                args.extend(["--kvm-gid".into(), k.to_string()]);
             }
         }
-        cmd.arg(&req.spec.source).env_clear();
-        cmd
+        let mut argv = args
+            .into_iter()
+            .map(|a| CString::new(a).map_err(io::Error::other))
+            .collect::<io::Result<Vec<_>>>()?;
+        argv.push(
+            CString::new(req.spec.source.as_os_str().as_bytes()).map_err(io::Error::other)?,
+        );
+        Ok(argv)
     }
 }
 
-/// The lowest fd the table and the channel are copied to before the fork: above 0..=2
-/// (which the child's stdio setup overwrites) and above [`COUNTERS_FD`] and
-/// [`CONTROL_FD`], so the moves to fds 3 and 4 never clobber anything the child keeps.
-const TABLE_COPY_MIN_FD: RawFd = 10;
+/// The lowest fd everything the child gets is copied to before the spawn: above 0..=2
+/// and above [`COUNTERS_FD`] and [`CONTROL_FD`], so the moves to fds 0..=4 in the child
+/// never clobber a source of a later move.
+const SOURCE_MIN_FD: RawFd = 10;
 
-/// What a child does between fork and exec. Only async-signal-safe calls (raw system
-/// calls, no allocation, no locks): the supervisor has other threads.
-#[derive(Debug, Clone, Copy)]
-struct ChildSetup {
-    /// The counter table's fd in the supervisor (>= [`TABLE_COPY_MIN_FD`]).
-    table: Option<RawFd>,
-    /// The child's end of its control channel (>= [`TABLE_COPY_MIN_FD`]).
-    control: Option<RawFd>,
+/// A close-on-exec copy of `fd` at or above [`SOURCE_MIN_FD`].
+fn lifted(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let copy = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(SOURCE_MIN_FD))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
 }
 
-impl ChildSetup {
-    fn apply(&self) -> io::Result<()> {
-        let check = |r: libc::c_int| {
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        };
-        // SAFETY: setsid, dup2 and fcntl are async-signal-safe system calls on fds of
-        // this (single-threaded, just forked) process; they touch no memory of ours.
-        unsafe {
-            check(libc::setsid())?;
-            if let Some(fd) = self.table {
-                // dup2 leaves the new fd without close-on-exec.
-                check(libc::dup2(fd, COUNTERS_FD))?;
-            }
-            if let Some(fd) = self.control {
-                check(libc::dup2(fd, CONTROL_FD))?;
-            }
-        }
-        close_from_at_exec(CONTROL_FD + 1)
+/// What the child's fds 0..=4 are, as `posix_spawn` file actions, and every other fd
+/// closed (the supervisor's fds are all close-on-exec, but one leaked by whoever started
+/// the supervisor may not be). Sources are lifted copies: see [`SOURCE_MIN_FD`].
+fn file_actions(
+    stdin: &OwnedFd,
+    stdout: Option<&OwnedFd>,
+    stderr: Option<Option<&OwnedFd>>,
+    table: Option<&OwnedFd>,
+    control: &OwnedFd,
+) -> io::Result<PosixSpawnFileActions> {
+    let mut fa = PosixSpawnFileActions::init()?;
+    let null = |fa: &mut PosixSpawnFileActions, fd| {
+        fa.add_open(fd, "/dev/null", OFlag::O_WRONLY, Mode::empty())
+    };
+    fa.add_dup2(stdin.as_raw_fd(), 0)?;
+    match stdout {
+        Some(fd) => fa.add_dup2(fd.as_raw_fd(), 1)?,
+        None => null(&mut fa, 1)?,
     }
-}
-
-/// Mark every fd from `first` up close-on-exec (close_range(CLOSE_RANGE_CLOEXEC), Linux
-/// 5.11+; a loop over the fd limit before that). Marking rather than closing keeps the
-/// pipe std uses to report a failed exec working.
-fn close_from_at_exec(first: RawFd) -> io::Result<()> {
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags.
+    match stderr {
+        Some(Some(fd)) => fa.add_dup2(fd.as_raw_fd(), 2)?,
+        Some(None) => null(&mut fa, 2)?,
+        None => {} // inherited
+    }
+    match table {
+        // dup2 leaves the new fd without close-on-exec.
+        Some(fd) => fa.add_dup2(fd.as_raw_fd(), COUNTERS_FD)?,
+        // Closing a closed fd is not an error for posix_spawn.
+        None => fa.add_close(COUNTERS_FD)?,
+    }
+    fa.add_dup2(control.as_raw_fd(), CONTROL_FD)?;
+    // SAFETY: `PosixSpawnFileActions` is `repr(transparent)` over the
+    // `posix_spawn_file_actions_t` it initialised, so the pointer is to a live,
+    // initialised actions object; the call only appends an action to it.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
+        libc::posix_spawn_file_actions_addclosefrom_np(
+            (&mut fa as *mut PosixSpawnFileActions).cast::<libc::posix_spawn_file_actions_t>(),
+            CONTROL_FD + 1,
         )
     };
-    if r == 0 {
-        return Ok(());
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
     }
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes only the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let top = lim.rlim_cur.min(1 << 20) as RawFd;
-    for fd in first..top {
-        // SAFETY: F_SETFD on a closed fd just fails with EBADF; no memory is touched.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    Ok(())
+    Ok(fa)
+}
+
+/// Its own session (signals to the supervisor's process group or terminal never reach
+/// it), no signal blocked, SIGPIPE back to its default (the Rust runtime ignores it, and
+/// an ignored signal stays ignored across exec), as `std::process::Command` does.
+fn attributes() -> io::Result<PosixSpawnAttr> {
+    let mut attr = PosixSpawnAttr::init()?;
+    let setsid = PosixSpawnFlags::from_bits_retain(libc::c_int::from(libc::POSIX_SPAWN_SETSID));
+    attr.set_flags(
+        setsid | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )?;
+    attr.set_sigmask(&SigSet::empty())?;
+    let mut def = SigSet::empty();
+    def.add(Signal::SIGPIPE);
+    attr.set_sigdefault(&def)?;
+    Ok(attr)
 }
 
 impl Spawner for ProcessSpawner {
@@ -201,69 +221,58 @@ impl Spawner for ProcessSpawner {
             .unwrap_or(req.spec)
             .to_wire()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        // A close-on-exec copy of the table above the child's stdio; the child moves it
-        // to fd 3. The supervisor's own fd stays close-on-exec throughout.
-        let table: Option<OwnedFd> = req
-            .counters
-            .map(|fd| {
-                let copy = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(TABLE_COPY_MIN_FD))?;
-                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-                Ok::<_, nix::Error>(unsafe { OwnedFd::from_raw_fd(copy) })
-            })
-            .transpose()?;
+        // Everything the child gets, as close-on-exec copies above its fds 0..=4; the
+        // supervisor's own table fd stays as it is.
+        let table = req.counters.map(lifted).transpose()?;
         let (channel, theirs) = ChildChannel::pair()?;
-        // Above the child's fds 0..=4 too, for the same reason as the table.
-        let theirs = {
-            let copy = fcntl(&theirs, FcntlArg::F_DUPFD_CLOEXEC(TABLE_COPY_MIN_FD))?;
-            // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
-            unsafe { OwnedFd::from_raw_fd(copy) }
+        let theirs = lifted(theirs.as_fd())?;
+        let (stdin, spec_pipe) = pipe2(OFlag::O_CLOEXEC)?;
+        let stdin = lifted(stdin.as_fd())?;
+        let (stdout, stderr) = match output.as_mut() {
+            Some(o) => (
+                o.child_stdout().map(|fd| lifted(fd.as_fd())).transpose()?,
+                Some(o.child_stderr().map(|fd| lifted(fd.as_fd())).transpose()?),
+            ),
+            None => (None, None),
         };
-        let setup = ChildSetup {
-            table: table.as_ref().map(|fd| fd.as_raw_fd()),
-            control: Some(theirs.as_raw_fd()),
+        let fa = file_actions(
+            &stdin,
+            stdout.as_ref(),
+            stderr.as_ref().map(Option::as_ref),
+            table.as_ref(),
+            &theirs,
+        )?;
+        let argv = self.argv(req, table.is_some())?;
+        let env: [&CStr; 0] = [];
+        let pid = posix_spawn(self.exe.as_path(), &fa, &attributes()?, &argv, &env)?;
+        // Only the child holds these now (the output's own write ends were taken above).
+        drop((table, theirs, stdin, stdout, stderr));
+        let kill_child = || {
+            let _ = kill(pid, Signal::SIGKILL);
         };
-        let mut cmd = self.command(req, &setup);
-        cmd.stdin(Stdio::piped());
-        match output.as_mut() {
-            Some(o) => {
-                let (out, err) = (o.child_stdout(), o.child_stderr());
-                cmd.stdout(out.map_or_else(Stdio::null, Stdio::from))
-                    .stderr(err.map_or_else(Stdio::null, Stdio::from));
-            }
-            None => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
-            }
+        if let Some(cg) = req.cgroup
+            && let Err(e) = cg.place(pid.as_raw() as u32)
+        {
+            // It has not read its spec: it made no VM. Killed, reaped as usual.
+            kill_child();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("placing the VM child in its cgroup: {e}"),
+            ));
         }
-        if let Some(cg) = req.cgroup {
-            // Prepared here, before the fork: the child only opens and writes.
-            let cg = cg.clone();
-            // SAFETY: `Placement::join` only calls open, write and close (async-signal-
-            // safe) and allocates nothing. It runs first, with the supervisor's
-            // privileges (the child drops them only after exec).
-            unsafe { cmd.pre_exec(move || cg.join()) };
-        }
-        // SAFETY: the closure makes only async-signal-safe calls (see ChildSetup).
-        unsafe { cmd.pre_exec(move || setup.apply()) };
-        let child = cmd.spawn()?;
-        drop(table);
-        drop(theirs);
-        // The Command held the pipes' write ends: dropped with it, only the child has them.
-        drop(cmd);
-        let pid = child.id();
         if let Some(o) = output
             && let Err(e) = o.attach()
         {
             // Its output has nowhere to go: the child gets EPIPE, the VM is stopped.
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            kill_child();
             return Err(io::Error::other(e));
         }
-        if let Some(mut stdin) = child.stdin {
-            // A few hundred bytes: fits in the pipe, so this does not block. A child that
-            // died already just makes this fail; its exit is reaped as usual.
-            let _ = stdin.write_all(spec.as_bytes());
-        }
+        // A few hundred bytes: fits in the pipe, so this does not block. A child that
+        // died already just makes this fail; its exit is reaped as usual. The child makes
+        // its VM only from this spec: after the cgroup placement above.
+        let _ = std::fs::File::from(spec_pipe).write_all(spec.as_bytes());
         Ok(Child {
-            pid,
+            pid: pid.as_raw() as u32,
             channel: Some(Arc::new(channel)),
         })
     }
