@@ -352,12 +352,31 @@ static void parse_cmdline(struct config *cfg, u64 zero_page)
 /* ------------------------------------------------------------------ */
 /* MP table                                                            */
 
+/* The byte sum of p[0..len), eight bytes per step: where the host runs every
+ * guest instruction through KVM's emulator (about 0.6 us each), a byte loop over
+ * the MP table was a third of the whole boot of this guest. */
 static u8 checksum(const volatile u8 *p, u32 len)
 {
-    u8 sum = 0;
-    for (u32 i = 0; i < len; i++)
-        sum = (u8)(sum + p[i]);
-    return sum;
+    const u64 even = 0x00FF00FF00FF00FFUL;
+    u32 total = 0;
+    u32 i = 0;
+    while (i + 8 <= len) {
+        /* Four 16-bit lanes, two bytes each per word: 64 words stay below 2^16. */
+        u64 lanes = 0;
+        u32 words = (len - i) / 8;
+        if (words > 64)
+            words = 64;
+        for (u32 k = 0; k < words; k++, i += 8) {
+            u64 w = *(const volatile u64 *)(p + i);
+            lanes += (w & even) + ((w >> 8) & even);
+        }
+        lanes += lanes >> 32;
+        lanes += lanes >> 16;
+        total += (u32)(lanes & 0xFFFF);
+    }
+    for (; i < len; i++)
+        total += p[i];
+    return (u8)total;
 }
 
 static u64 find_mpfp_in(u64 start, u64 end)
