@@ -176,8 +176,10 @@ impl From<OnOff> for SeccompMode {
 }
 
 /// Spawner threads of `up` (see `supervisor::pool`). Measured on 2 cores (1000 VMs, all
-/// heartbeating): 1 thread 6.2 s, 2 threads 6.2 s, 4 threads 6.4 s: a start-up is bound
-/// by the children's own CPU (guest boot), not by waits a pool could overlap.
+/// heartbeating, `cargo bench --bench fleet_scale`): with fork, 1 thread 6.2 s, 2 threads
+/// 6.2 s, 4 threads 6.4 s; with posix_spawn, 1 and 2 threads alike. The host's CPU is
+/// saturated during a start-up (about 9 ms of CPU per VM: its process, its guest's
+/// emulated boot, the supervisor's share), so a pool has no idle time to fill.
 const SPAWN_THREADS: usize = 1;
 
 fn main() -> ProcessExit {
@@ -399,6 +401,9 @@ struct RunVmArgs<'a> {
     seccomp: SeccompMode,
 }
 
+/// With `--spec-stdin`, nothing of the VM may be made (memory, KVM, threads) before the
+/// spec is read here: the supervisor places this process in its VM's cgroup before it
+/// sends the spec (`supervisor::spawn`).
 fn load_spec(file: &Path, a: &RunVmArgs<'_>) -> Result<VmSpec, String> {
     if a.spec_stdin {
         let mut text = String::new();

@@ -1,7 +1,7 @@
 //! One cgroup per VM child: a memory limit (guest memory + `cgroup_overhead_mib`), a pids
 //! limit (vCPUs + [`PIDS_MARGIN`]) and a CPU quota (`cpu_quota`), on cgroup v2 or on the
 //! memory / pids / cpu hierarchies of cgroup v1; placing a child in its cgroup before it
-//! runs anything; telling an OOM kill by the cgroup from other deaths; removing the
+//! makes anything of its VM; telling an OOM kill by the cgroup from other deaths; removing the
 //! directories again.
 //!
 //! Layout: under the supervisor's own cgroup of each hierarchy (`/proc/self/cgroup`), a
@@ -167,9 +167,10 @@ impl Placement {
         let pid = pid.to_string();
         for path in &self.procs {
             let path = Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
-            let mut f = fs::OpenOptions::new().write(true).open(path)?;
+            let at = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+            let mut f = fs::OpenOptions::new().write(true).open(path).map_err(at)?;
             // One write() per pid: the kernel reads cgroup.procs writes whole.
-            let n = f.write(pid.as_bytes())?;
+            let n = f.write(pid.as_bytes()).map_err(at)?;
             if n != pid.len() {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -937,7 +938,38 @@ mod tests {
         println!("V2-HALF-DONE");
     }
 
-    /// `sleep secs`, placed in cgroup `dir` between fork and exec as a VM child is.
+    /// `place` writes the pid to every hierarchy's `cgroup.procs` and names the file it
+    /// could not write.
+    #[test]
+    fn place_writes_the_pid_to_every_hierarchy_and_names_a_missing_file() {
+        let base =
+            std::env::temp_dir().join(format!("vmm-fleet-cgroup-place-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let dirs = [base.join("memory"), base.join("pids")];
+        let procs: Vec<PathBuf> = dirs.iter().map(|d| d.join("cgroup.procs")).collect();
+        for (d, p) in dirs.iter().zip(&procs) {
+            fs::create_dir_all(d).unwrap();
+            fs::write(p, "").unwrap();
+        }
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
+        let placement = Placement {
+            procs: procs.iter().map(|p| c(p)).collect(),
+        };
+        placement.place(4242).unwrap();
+        for p in &procs {
+            assert_eq!(fs::read_to_string(p).unwrap(), "4242");
+        }
+        let missing = base.join("cpu").join("cgroup.procs");
+        let broken = Placement {
+            procs: vec![c(&procs[0]), c(&missing)],
+        };
+        let e = broken.place(7).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(e.to_string().contains(&*missing.to_string_lossy()), "{e}");
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    /// `sleep secs`, placed in cgroup `dir` by itself between fork and exec.
     fn sleep_in(dir: &Path, secs: u32) -> std::process::Child {
         let p = Placement {
             procs: vec![CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).unwrap()],

@@ -1,8 +1,8 @@
 //! Spawning off the event loop: a small fixed pool of spawner threads that run any
 //! [`Spawner`] and answer with [`Event::Spawned`] on the loop's event channel.
 //!
-//! A spawn costs milliseconds (on cgroup v1 the cgroup placement in `pre_exec` waits for
-//! an RCU grace period; `Command::spawn` waits for the exec), so a fleet starting
+//! A spawn costs milliseconds of wall time (`posix_spawn` waits for the child's exec; on
+//! cgroup v1 the cgroup placement may wait for an RCU grace period), so a fleet starting
 //! thousands of VMs would otherwise hold reaping and signals for seconds.
 //!
 //! The threads end only when the supervisor drops its end of the job channel (after

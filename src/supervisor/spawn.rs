@@ -126,9 +126,7 @@ impl ProcessSpawner {
             .into_iter()
             .map(|a| CString::new(a).map_err(io::Error::other))
             .collect::<io::Result<Vec<_>>>()?;
-        argv.push(
-            CString::new(req.spec.source.as_os_str().as_bytes()).map_err(io::Error::other)?,
-        );
+        argv.push(CString::new(req.spec.source.as_os_str().as_bytes()).map_err(io::Error::other)?);
         Ok(argv)
     }
 }
