@@ -18,6 +18,15 @@
 //!   to the end of the stop (`getrusage(RUSAGE_CHILDREN)`), in total and per VM: what the
 //!   start-up costs whatever else runs on the host (the wall times above depend on it).
 //!
+//! Caution, seen on this project's 2-core test host (kernel 6.18.44-fc, KVM nested): the
+//! stop of a 3000-VM run (all children killed together at the end of the grace period,
+//! each freeing four JIT-compiled seccomp filters through `system_wq`) once deadlocked the
+//! kernel: the worker holding the BPF pack mutex flushed a vmap purge work that could not
+//! start because `system_wq`'s active limit was taken by ~2000 `bpf_jit_free` works
+//! waiting for that mutex. Every later KVM teardown then hung in D state
+//! (`kvm_vm_release`); `dmesg` says "blocked on a mutex likely owned by". Only a reboot
+//! clears it.
+//!
 //! `VMM_FLEET_BENCH_BIN` runs another build of the binary (e.g. the one before a change).
 //! Needs a readable `/dev/kvm` (prints a note and exits without). The supervisor's fd
 //! limit must cover about 5 fds per VM (`ulimit -n`).
