@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use vmm_fleet::config::{FleetSettings, VmSpec, VmUser};
@@ -17,8 +17,9 @@ use vmm_fleet::protocol::ExitCode;
 use vmm_fleet::supervisor::console::Consoles;
 use vmm_fleet::supervisor::control::ControlServer;
 use vmm_fleet::supervisor::output::OutputHub;
+use vmm_fleet::supervisor::reexec::{self, ReexecContext};
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
-use vmm_fleet::supervisor::{Event, EventLog, FleetSource, STATE_NAMES, Supervisor};
+use vmm_fleet::supervisor::{Event, EventLog, FleetSource, STATE_NAMES, Supervisor, handover};
 use vmm_fleet::vm::jail::{self, Ids, Jail, OpenedVm};
 use vmm_fleet::vm::seccomp::{SeccompMode, ThreadKind, spawn_filtered};
 use vmm_fleet::vm::{RunningVm, StopCause, StopLatch, host_memory_mib, run_to_end};
@@ -55,6 +56,10 @@ enum Command {
         /// under systemd, else LOG_DIR/control.sock).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Set by a reexec: the fd of the state handed over by the program this one
+        /// replaces (the VMs run on; nothing is started).
+        #[arg(long, hide = true)]
+        resume_fd: Option<i32>,
     },
     /// Show every VM (or VM NAME): state, pid, uptime, restarts, last exit, vCPUs,
     /// memory, console file.
@@ -92,6 +97,9 @@ enum Command {
         #[command(flatten)]
         ctl: ControlArg,
     },
+    /// Print the handover formats this binary reads (asked by a running fleet before it
+    /// reexecs into this binary); one JSON line.
+    HandoverFormats,
     /// Check every file in DIR and list every problem; exit 0 if all are valid, 1 if not.
     Validate {
         /// The directory of VM files.
@@ -134,6 +142,10 @@ enum Command {
         /// only names it.
         #[arg(long)]
         spec_stdin: bool,
+        /// The supervisor's version of the wire to its children (arguments, spec on
+        /// stdin, counter table, control channel); refused unless it is this binary's.
+        #[arg(long)]
+        wire_version: Option<u32>,
         /// Seccomp filters on every thread of the VM process (the supervisor passes the
         /// fleet setting `seccomp` through); `off` only for debugging.
         #[arg(long, value_enum, default_value_t = OnOff::On)]
@@ -196,8 +208,18 @@ fn main() -> ProcessExit {
             gid,
             kvm_gid,
             spec_stdin,
+            wire_version,
             seccomp,
         } => {
+            if let Some(v) = wire_version.filter(|v| *v != vmm_fleet::protocol::WIRE_VERSION) {
+                eprintln!(
+                    "vmm-fleet: the supervisor speaks wire version {v}, this binary (vmm-fleet {}) \
+                     speaks {}: not started",
+                    env!("CARGO_PKG_VERSION"),
+                    vmm_fleet::protocol::WIRE_VERSION
+                );
+                return ProcessExit::from(ExitCode::VmmError.code());
+            }
             let ids = uid.zip(gid).map(|(uid, gid)| Ids { uid, gid, kvm_gid });
             let child = RunVmArgs {
                 vm: vm.as_deref(),
@@ -218,7 +240,11 @@ fn main() -> ProcessExit {
             log_dir,
             metrics_address,
             control,
-        } => cmd_up(&dir, settings, log_dir, metrics_address, control),
+            resume_fd,
+        } => match resume_fd {
+            None => cmd_up(&dir, settings, log_dir, metrics_address, control),
+            Some(fd) => cmd_resume(fd, metrics_address, control),
+        },
         Command::Status { name, json, ctl } => cli::status(ctl.control, name, json),
         Command::Stop(a) => cli::vm(a.ctl.control, Wire::Stop { vm: a.name }),
         Command::Start(a) => cli::vm(a.ctl.control, Wire::Start { vm: a.name }),
@@ -229,6 +255,16 @@ fn main() -> ProcessExit {
         Command::ResetFailed(a) => cli::vm(a.ctl.control, Wire::ResetFailed { vm: a.name }),
         Command::Reload { ctl } => cli::reload(ctl.control),
         Command::Reexec { ctl } => cli::reexec(ctl.control),
+        Command::HandoverFormats => {
+            match serde_json::to_string(&handover::Formats::ours()) {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("vmm-fleet: {e}");
+                    return ProcessExit::FAILURE;
+                }
+            }
+            ProcessExit::SUCCESS
+        }
     }
 }
 
@@ -284,6 +320,100 @@ fn cmd_up(
             return ProcessExit::FAILURE;
         }
     };
+    let (tx, rx) = match process_setup() {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let fleet = FleetMetrics::new(&STATE_NAMES);
+    let addr = metrics_address.unwrap_or(settings.metrics_address);
+    let exporter = start_exporter(addr, &fleet, None);
+    let log = EventLog::default();
+    log.line(6, &VmUser::describe(settings.vm_user.as_ref()));
+    let exe = own_binary();
+    let output = match OutputHub::start() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("vmm-fleet: cannot start the output thread: {e}; nothing started");
+            return ProcessExit::FAILURE;
+        }
+    };
+    let control_path = vmm_fleet::control::server_socket(control, &settings.log_dir);
+    let server = match ControlServer::start(&control_path, tx.clone(), consoles(), control_log()) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}; nothing started");
+            return ProcessExit::FAILURE;
+        }
+    };
+    log.line(6, &format!("control socket on {}", server.path().display()));
+    let handle = exporter.as_ref().map(Exporter::address_handle);
+    let mut sup = Supervisor::new(src, settings, specs, ProcessSpawner::new(exe.clone()), log)
+        .with_metrics(fleet)
+        .with_output(output)
+        .with_cgroups()
+        .with_spawn_threads(SPAWN_THREADS, &tx)
+        .on_metrics_address_change(move |new| {
+            metrics_address_changed(new, metrics_address, handle.as_ref())
+        })
+        .with_reexec(reexec_context(exe, exporter, Some(server.clone())));
+    let code = sup.run(&rx, &tx);
+    drop(sup);
+    server.remove();
+    ProcessExit::from(code as u8)
+}
+
+fn consoles() -> Arc<Consoles> {
+    Arc::new(Consoles::default())
+}
+
+fn control_log() -> vmm_fleet::supervisor::control::LogFn {
+    Arc::new(|prio, msg| EventLog::default().line(prio, msg))
+}
+
+/// The binary `up` runs from, resolved once at start-up: what its VM children run and
+/// what a reexec execs. Its path (e.g. /usr/bin/vmm-fleet), so that after a package
+/// upgrade both are the new file.
+fn own_binary() -> PathBuf {
+    let p = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("vmm-fleet"));
+    // Already replaced under us: the path is still where the binary is installed.
+    match p.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(s) => PathBuf::from(s),
+        None => p,
+    }
+}
+
+fn reexec_context(
+    exe: PathBuf,
+    exporter: Option<Exporter>,
+    control: Option<Arc<ControlServer>>,
+) -> ReexecContext {
+    ReexecContext {
+        exe,
+        args: reexec::strip_resume(std::env::args_os().skip(1)),
+        exporter,
+        control,
+    }
+}
+
+/// Serve `/metrics` on `addr` (or on a listener handed over at reexec). A metrics
+/// failure (bind failures are retried inside) never stops the fleet.
+fn start_exporter(
+    addr: std::net::SocketAddr,
+    fleet: &Arc<FleetMetrics>,
+    handed: Option<reexec::ResumedMetrics>,
+) -> Option<Exporter> {
+    let metrics_log: LogFn = Arc::new(|prio, msg| EventLog::default().line(prio, msg));
+    let limits = vmm_fleet::metrics::http::Limits::default();
+    let addr = handed.as_ref().and_then(|h| h.wanted).unwrap_or(addr);
+    let handed = handed.map(|h| (h.listener, h.marks));
+    Exporter::start_adopting(addr, fleet.clone(), metrics_log, limits, handed)
+        .inspect_err(|e| EventLog::default().line(3, &format!("{e}; running without /metrics")))
+        .ok()
+}
+
+/// What `up` sets up for the process before any thread: not dumpable, the fd limit, the
+/// signal thread (SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR2). The events channel.
+fn process_setup() -> Result<(mpsc::Sender<Event>, mpsc::Receiver<Event>), ProcessExit> {
     // Not dumpable: a process of our user (under the packaged unit, every VM child) can
     // then neither ptrace us nor open /proc/PID/mem or /proc/PID/fd. Children are not
     // affected (execve resets it; they make themselves not dumpable again).
@@ -293,13 +423,15 @@ fn cmd_up(
     if let Err(e) = vmm_fleet::supervisor::output::raise_fd_limit() {
         EventLog::default().line(4, &format!("cannot raise the open-files limit: {e}"));
     }
-    let mut signals = match Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP]) {
+    let mut signals = match Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR2]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vmm-fleet: cannot catch signals: {e}");
-            return ProcessExit::FAILURE;
+            return Err(ProcessExit::FAILURE);
         }
     };
+    // A reexec blocked them over the exec: the handlers are in place now.
+    reexec::unblock_signals();
     let (tx, rx) = mpsc::channel();
     let signal_tx = tx.clone();
     let spawned = std::thread::Builder::new()
@@ -313,49 +445,82 @@ fn cmd_up(
         });
     if let Err(e) = spawned {
         eprintln!("vmm-fleet: cannot start the signal thread: {e}");
-        return ProcessExit::FAILURE;
+        return Err(ProcessExit::FAILURE);
+    }
+    Ok((tx, rx))
+}
+
+/// `up --resume-fd FD`: the program a reexec started. Reads the state handed over and
+/// carries on with the running VMs; a state it cannot read puts it in hold mode
+/// ([`reexec::hold`]): no VM is killed.
+fn cmd_resume(
+    fd: i32,
+    metrics_address: Option<std::net::SocketAddr>,
+    control: Option<PathBuf>,
+) -> ProcessExit {
+    let log = EventLog::default();
+    let exe = own_binary();
+    let doc = match reexec::read_document(fd) {
+        Ok(d) => d,
+        Err(e) => {
+            let args = reexec::strip_resume(std::env::args_os().skip(1));
+            return ProcessExit::from(reexec::hold(fd, &e.to_string(), &exe, &args, &log) as u8);
+        }
+    };
+    // SAFETY: `fd` is the handover memfd, read whole; nothing else uses it.
+    unsafe { libc::close(fd) };
+    let (tx, rx) = match process_setup() {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let (sup, resumed) = Supervisor::resume(doc, ProcessSpawner::new(exe.clone()), log);
+    let log = EventLog::default();
+    for note in &resumed.notes {
+        log.line(if note.starts_with("reexec:") { 6 } else { 4 }, note);
     }
     let fleet = FleetMetrics::new(&STATE_NAMES);
-    let addr = metrics_address.unwrap_or(settings.metrics_address);
-    let metrics_log: LogFn = Arc::new(|prio, msg| EventLog::default().line(prio, msg));
-    // A metrics failure (bind failures are retried inside) never stops the fleet.
-    let exporter = Exporter::start(addr, fleet.clone(), metrics_log)
-        .inspect_err(|e| EventLog::default().line(3, &format!("{e}; running without /metrics")))
-        .ok();
-    let log = EventLog::default();
-    log.line(6, &VmUser::describe(settings.vm_user.as_ref()));
-    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_else(|_| PathBuf::from("vmm-fleet"));
-    let output = match OutputHub::start() {
+    let addr = metrics_address.unwrap_or(sup.settings().metrics_address);
+    let exporter = start_exporter(addr, &fleet, resumed.metrics);
+    let output = match OutputHub::start_adopting(resumed.output) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("vmm-fleet: cannot start the output thread: {e}; nothing started");
+            // Its children keep running (their pipes fill, they block on output): the
+            // same as any fleet whose output thread cannot start. Logged loudly.
+            log.line(2, &format!("cannot start the output thread: {e}"));
             return ProcessExit::FAILURE;
         }
     };
-    let control_path = vmm_fleet::control::server_socket(control, &settings.log_dir);
-    let control_log: vmm_fleet::supervisor::control::LogFn =
-        Arc::new(|prio, msg| EventLog::default().line(prio, msg));
-    let consoles = Arc::new(Consoles::default());
-    let server = match ControlServer::start(&control_path, tx.clone(), consoles, control_log) {
-        Ok(s) => s,
+    let control_path = vmm_fleet::control::server_socket(control, &sup.settings().log_dir);
+    // The old program's listener (connections made during the exec wait in its backlog);
+    // a new one if it could not be adopted.
+    let server = match resumed.control {
+        Some(fd) => {
+            ControlServer::start_adopting(&control_path, fd, tx.clone(), consoles(), control_log())
+        }
+        None => ControlServer::start(&control_path, tx.clone(), consoles(), control_log()),
+    };
+    let server = match server {
+        Ok(s) => Some(Arc::new(s)),
         Err(e) => {
-            eprintln!("vmm-fleet: {e}; nothing started");
-            return ProcessExit::FAILURE;
+            // The VMs run on: only the control socket is missing (SIGUSR2 still works).
+            log.line(2, &format!("{e}; running without the control socket"));
+            None
         }
     };
-    log.line(6, &format!("control socket on {}", server.path().display()));
     let handle = exporter.as_ref().map(Exporter::address_handle);
-    let mut sup = Supervisor::new(src, settings, specs, ProcessSpawner::new(exe), log)
+    let mut sup = sup
         .with_metrics(fleet)
         .with_output(output)
-        .with_cgroups()
         .with_spawn_threads(SPAWN_THREADS, &tx)
         .on_metrics_address_change(move |new| {
             metrics_address_changed(new, metrics_address, handle.as_ref())
-        });
+        })
+        .with_reexec(reexec_context(exe, exporter, server.clone()));
     let code = sup.run(&rx, &tx);
-    server.remove();
-    drop(exporter);
+    drop(sup);
+    if let Some(s) = server {
+        s.remove();
+    }
     ProcessExit::from(code as u8)
 }
 

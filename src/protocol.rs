@@ -8,6 +8,17 @@
 /// and passes `--counters-fd 3`; every other fd but 0, 1 and 2 is closed.
 pub const COUNTERS_FD: i32 = 3;
 
+/// The version of the whole supervisor -> child wire: `run-vm`'s arguments, the spec it
+/// reads on stdin (`VmSpec::to_wire`), the counter table's layout (whose magic word
+/// carries its own version too) and the control channel (each packet carries
+/// [`CONTROL_VERSION`]). The supervisor passes `--wire-version N`; a child of another
+/// version refuses to start with a message naming both, rather than misreading any of
+/// them. After an upgrade and a reexec, children started before it run the old binary
+/// and new ones the new binary: a change to any of these bumps this number, and the
+/// supervisor keeps speaking what its running children speak (the table and channel
+/// are checked by version at adoption).
+pub const WIRE_VERSION: u32 = 1;
+
 /// The fd a VM child finds its control channel at: one end of a SOCK_SEQPACKET
 /// socketpair whose other end the supervisor keeps; passed as `--control-fd 4`. EOF on it
 /// means the supervisor is gone: the child stops as on SIGTERM.
@@ -115,7 +126,7 @@ impl ToChild {
 
 /// How a VM process ended. The discriminant is the process exit code.
 #[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ExitCode {
     /// The guest powered off (ACPI sleep register, S5) or halted.
     GuestPoweroff = 0,

@@ -49,7 +49,7 @@ pub const DEFAULT_CGROUP_OVERHEAD_MIB: u64 = 64;
 pub const CGROUP_OVERHEAD_MIB_RANGE: std::ops::RangeInclusive<u64> = 0..=65_536;
 
 /// Validated fleet-wide settings: the contents of the settings file, or the defaults.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FleetSettings {
     /// Where per-VM console and log files go (`log_dir`; relative paths resolve against
     /// the settings file's directory; default chosen by the caller). It exists or its
@@ -93,7 +93,7 @@ pub struct FleetSettings {
 }
 
 /// A resolved `vm_user`: the ids a VM child drops to before its guest runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmUser {
     /// The user name.
     pub name: String,

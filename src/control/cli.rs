@@ -67,16 +67,43 @@ pub fn reload(control: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// `vmm-fleet reexec`.
+/// How long `reexec` waits for the new program to answer.
+pub const REEXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `vmm-fleet reexec`: asks for the reexec (refused with a message if the new binary
+/// cannot take over), then waits until the new program answers `status` (a program
+/// with more reexecs behind it than the one that said yes). Exit status 0 only then: a
+/// package's script falls back to a restart otherwise.
 pub fn reexec(control: Option<PathBuf>) -> ExitCode {
     let path = client_socket(control);
-    match request(&path, &Request::new(Command::Reexec), RELOAD_TIMEOUT) {
-        Ok(_) => {
-            println!("reexec: done");
-            ExitCode::SUCCESS
+    let old = match request(&path, &Request::new(Command::Reexec), RELOAD_TIMEOUT) {
+        Ok(r) => r.program.unwrap_or_default(),
+        Err(e) => return fail(&e),
+    };
+    let deadline = std::time::Instant::now() + REEXEC_TIMEOUT;
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        match request(&path, &Request::new(Command::Status { vm: None }), TIMEOUT) {
+            Ok(r) => {
+                if let Some(p) = r.program.filter(|p| p.reexecs > old.reexecs) {
+                    let n = r.vms.map_or(0, |v| v.len());
+                    println!(
+                        "reexec: done: vmm-fleet {} runs the fleet now (was {}); {n} VM(s)",
+                        p.version, old.version
+                    );
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Err(e) => last = Some(e.to_string()),
         }
-        Err(e) => fail(&e),
+        std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!(
+        "vmm-fleet: reexec: the new program did not answer within {}s{}; see the fleet's log",
+        REEXEC_TIMEOUT.as_secs(),
+        last.map(|e| format!(" (last: {e})")).unwrap_or_default()
+    );
+    ExitCode::FAILURE
 }
 
 /// `reload: added a, b; removed c; changed d` (or `reload: nothing changed`).

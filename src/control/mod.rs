@@ -216,6 +216,19 @@ pub struct Response {
     /// `console`: `rw` (this client types) or `ro` (it watches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// `status` and `reexec`: the program answering (a `reexec` client waits until a
+    /// program with more reexecs behind it answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<Program>,
+}
+
+/// The supervisor program answering a request.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Program {
+    /// Its version (`vmm-fleet --version`).
+    pub version: String,
+    /// Reexecs since the fleet was started (0 for the program `up` started).
+    pub reexecs: u64,
 }
 
 impl Response {
@@ -229,6 +242,7 @@ impl Response {
             reload: None,
             state: None,
             mode: None,
+            program: None,
         }
     }
 

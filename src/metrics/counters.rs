@@ -493,6 +493,37 @@ impl SharedTable {
         })
     }
 
+    /// A table handed over by the program this one replaced at reexec: `fd` is its
+    /// memfd (checked as a child checks it), `age` how long it has existed (a counter
+    /// may be as large as its age in ns), `handed_vcpus` the most vCPUs a child of it got.
+    pub fn adopt(
+        fd: OwnedFd,
+        age: std::time::Duration,
+        handed_vcpus: usize,
+    ) -> Result<Self, TableError> {
+        let copy = fd.try_clone().map_err(|source| TableError::Sys {
+            what: "dup counter table",
+            source,
+        })?;
+        let mut t = ExitCounters::open_shared_fd(copy)?;
+        t.born = Instant::now().checked_sub(age).unwrap_or(t.born);
+        Ok(SharedTable {
+            counters: Arc::new(t),
+            fd,
+            handed_vcpus: handed_vcpus.min(MAX_VCPUS),
+        })
+    }
+
+    /// How long the table has existed (see [`SharedTable::adopt`]).
+    pub fn age(&self) -> std::time::Duration {
+        self.counters.born.elapsed()
+    }
+
+    /// The most vCPUs a child of this table was given.
+    pub fn handed_vcpus(&self) -> usize {
+        self.handed_vcpus
+    }
+
     /// The supervisor's mapping (what the exporter reads).
     pub fn counters(&self) -> &Arc<ExitCounters> {
         &self.counters

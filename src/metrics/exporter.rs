@@ -11,9 +11,14 @@
 //! per exported `_total` series (`Mark`): a series never goes below what it last
 //! exported, and when the supervisor replaces a corrupted table by a fresh one, what was
 //! exported becomes a per-series base, so counting continues upward from there.
+//!
+//! At reexec the marks go to the new program ([`Exporter::held_marks`], then
+//! [`Exporter::start_adopting`]), which reads the same tables: every `_total` series
+//! continues where it was, with no reset and no jump.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
@@ -208,7 +213,7 @@ impl Families {
 /// that goes down in place (a child rewrote its table) holds the series where it was; a
 /// source replaced by a fresh one ([`Mark::rebase`]) counts on from there. The base moves
 /// only at a replacement, so a child that writes its table up and down cannot pump it.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Mark {
     base: u64,
     last: u64,
@@ -228,16 +233,30 @@ impl Mark {
 }
 
 /// Every mark of one VM.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct VmMarks {
-    /// The table the per-vCPU marks follow ([`ExitCounters::id`]).
+    /// The table the per-vCPU marks follow ([`ExitCounters::id`]; ids are this
+    /// process's, so they are not handed over).
+    #[serde(skip)]
     table: Option<u64>,
+    /// Handed over at reexec: the first table seen is the one the marks followed in the
+    /// old program (the same memfd, under a new id), not a replacement.
+    #[serde(skip)]
+    adopted: bool,
     exits: Vec<[Mark; ExitReason::COUNT]>,
     kvm: Vec<[Mark; KVM_STATS.len()]>,
     restarts: Mark,
     console_dropped: Mark,
     /// The last scrape that saw this VM (VMs gone from the fleet are dropped).
+    #[serde(skip)]
     seen: u64,
+}
+
+/// The exporter's high-water marks of every VM, as handed to the next program at
+/// reexec (opaque: serialized into the handover).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct HeldMarks {
+    vms: HashMap<String, VmMarks>,
 }
 
 /// Every VM's marks, by name, and the number of the current scrape.
@@ -269,12 +288,20 @@ pub struct FleetCollector {
     fleet: Arc<FleetMetrics>,
     descs: Vec<Desc>,
     /// High-water marks by VM name; VMs gone from the fleet are dropped.
-    marks: Mutex<Marks>,
+    marks: Arc<Mutex<Marks>>,
 }
 
 impl FleetCollector {
     /// A collector over `fleet`.
     pub fn new(fleet: Arc<FleetMetrics>) -> Result<Self, prometheus::Error> {
+        Self::with_marks(fleet, HeldMarks::default())
+    }
+
+    /// A collector over `fleet` that continues from `held` (handed over at reexec).
+    pub fn with_marks(
+        fleet: Arc<FleetMetrics>,
+        held: HeldMarks,
+    ) -> Result<Self, prometheus::Error> {
         let f = Families::new()?;
         let descs = f
             .collectors()
@@ -284,8 +311,43 @@ impl FleetCollector {
         Ok(FleetCollector {
             fleet,
             descs,
-            marks: Mutex::new(Marks::default()),
+            marks: Arc::new(Mutex::new(Marks {
+                scrape: 0,
+                vms: held
+                    .vms
+                    .into_iter()
+                    .map(|(n, mut m)| {
+                        m.adopted = true;
+                        (n, m)
+                    })
+                    .collect(),
+            })),
         })
+    }
+
+    /// Every VM's marks as they stand (the scrapes' lock is held while they are copied).
+    fn held(marks: &Mutex<Marks>) -> HeldMarks {
+        let all = marks.lock().unwrap_or_else(|p| p.into_inner());
+        HeldMarks {
+            vms: all
+                .vms
+                .iter()
+                .map(|(n, m)| {
+                    (
+                        n.clone(),
+                        VmMarks {
+                            table: None,
+                            adopted: false,
+                            exits: m.exits.clone(),
+                            kvm: m.kvm.clone(),
+                            restarts: m.restarts,
+                            console_dropped: m.console_dropped,
+                            seen: 0,
+                        },
+                    )
+                })
+                .collect(),
+        }
     }
 
     fn build(&self) -> Result<Vec<MetricFamily>, prometheus::Error> {
@@ -364,6 +426,10 @@ impl FleetCollector {
         };
         let rows = header.max(marks.exits.len()).min(spec);
         marks.rows(rows);
+        if marks.table != Some(t.id()) && std::mem::take(&mut marks.adopted) {
+            // The table the old program's marks followed, handed over with them.
+            marks.table = Some(t.id());
+        }
         if marks.table != Some(t.id()) {
             // A new table (the old one was found corrupted and replaced): it counts from
             // zero, on top of everything exported so far.
@@ -424,6 +490,7 @@ pub enum ExporterError {
 /// The running `/metrics` endpoint (see [`super::http`] for its limits).
 pub struct Exporter {
     server: HttpServer,
+    marks: Arc<Mutex<Marks>>,
 }
 
 /// Render the registry in the Prometheus text format.
@@ -451,14 +518,52 @@ impl Exporter {
         log: LogFn,
         limits: Limits,
     ) -> Result<Self, ExporterError> {
+        Self::start_adopting(addr, fleet, log, limits, None)
+    }
+
+    /// [`Exporter::start_with`] for a program started by reexec: the old program's
+    /// listening socket (`listener.0`, asked for `addr`) and marks (`listener.1`).
+    pub fn start_adopting(
+        addr: SocketAddr,
+        fleet: Arc<FleetMetrics>,
+        log: LogFn,
+        limits: Limits,
+        handed: Option<(Option<OwnedFd>, HeldMarks)>,
+    ) -> Result<Self, ExporterError> {
+        let (listener, held) = handed.unwrap_or_default();
         let registry = Registry::new();
-        registry.register(Box::new(FleetCollector::new(fleet)?))?;
+        let collector = FleetCollector::with_marks(fleet, held)?;
+        let marks = collector.marks.clone();
+        registry.register(Box::new(collector))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        let server =
-            HttpServer::start_with(addr, Arc::new(move || render(&registry)), log, limits)?;
-        Ok(Exporter { server })
+        let render = Arc::new(move || render(&registry));
+        let server = HttpServer::start_adopting(addr, listener, render, log, limits)?;
+        Ok(Exporter { server, marks })
+    }
+
+    /// Before a reexec: stop accepting scrapes (they wait in the backlog for the next
+    /// program) and let those in progress finish, at most `limit` (see
+    /// [`HttpServer::drain`]).
+    pub fn drain(&self, limit: std::time::Duration) -> bool {
+        self.server.drain(limit)
+    }
+
+    /// Accept scrapes again (the reexec failed).
+    pub fn undrain(&self) {
+        self.server.undrain();
+    }
+
+    /// The marks of every `_total` series, for the next program at reexec.
+    pub fn held_marks(&self) -> HeldMarks {
+        FleetCollector::held(&self.marks)
+    }
+
+    /// A copy of the listening socket and its asked-for address (see
+    /// [`HttpServer::listener`]).
+    pub fn listener(&self) -> Option<(OwnedFd, SocketAddr)> {
+        self.server.listener()
     }
 
     /// The address bound (the real port with port 0); `None` while a bind is retried.
@@ -703,6 +808,38 @@ mod tests {
         assert_eq!(boot_seconds(u64::MAX, Some(100.0), 200.0), None);
         assert_eq!(boot_seconds(5_000_000_000, None, 200.0), None);
         assert_eq!(boot_seconds(1, Some(f64::NAN), 200.0), None);
+    }
+
+    #[test]
+    fn held_marks_continue_every_series_over_the_same_table_without_a_jump() {
+        let table = SharedTable::create("held").unwrap();
+        let (child, _file) = child_of(&table);
+        child.set_vcpus(1);
+        for _ in 0..5 {
+            child.add(0, ExitReason::IoOut);
+        }
+        let fleet = FleetMetrics::new(&["running"]);
+        fleet.update(vec![snapshot("held", 1, &table)]);
+        let old = FleetCollector::new(fleet.clone()).unwrap();
+        let r = Registry::new();
+        let _ = old.build().unwrap();
+        let held = FleetCollector::held(&old.marks);
+        let json = serde_json::to_string(&held).unwrap();
+        // The new program: the same memfd, mapped again (another table id).
+        let adopted = SharedTable::adopt(
+            table.fd().try_clone_to_owned().unwrap(),
+            table.age(),
+            table.handed_vcpus(),
+        )
+        .unwrap();
+        child.add(0, ExitReason::IoOut);
+        let fleet2 = FleetMetrics::new(&["running"]);
+        fleet2.update(vec![snapshot("held", 1, &adopted)]);
+        let new = FleetCollector::with_marks(fleet2, serde_json::from_str(&json).unwrap()).unwrap();
+        r.register(Box::new(new)).unwrap();
+        let t = totals(&String::from_utf8(render(&r)).unwrap());
+        let io = r#"vmm_fleet_vcpu_exits_total{reason="io_out",vcpu="0",vm="held"}"#;
+        assert_eq!(t.get(io), Some(&6.0), "continued, not reset, not doubled");
     }
 
     #[test]

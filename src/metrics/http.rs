@@ -13,10 +13,18 @@
 //! failure is logged and retried with a growing delay; the address can be changed while
 //! running ([`AddressHandle`]). Dropping the [`HttpServer`] stops the runtime without
 //! waiting for any client.
+//!
+//! At reexec the listening socket is handed to the new program ([`HttpServer::listener`]
+//! gives a copy of it; [`HttpServer::start_adopting`] serves on such an inherited one):
+//! it never closes, so a scrape during the exec waits in its backlog instead of being
+//! refused. Just before the exec, [`HttpServer::drain`] stops accepting and lets the
+//! requests in progress finish (idle keep-alive connections are closed), so no scrape
+//! is cut half-way by the exec.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -125,8 +133,12 @@ impl AddressHandle {
 /// The running server; dropping it stops it at once.
 pub struct HttpServer {
     bound: Arc<Mutex<Option<SocketAddr>>>,
+    /// A copy of the listening socket (for a handover at reexec), with the address asked.
+    held: Arc<Mutex<Option<(OwnedFd, SocketAddr)>>>,
     conns: Arc<Mutex<Conns>>,
     addr_tx: Arc<watch::Sender<SocketAddr>>,
+    /// True while draining for a reexec: nothing new is accepted.
+    draining: watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -146,17 +158,33 @@ impl HttpServer {
         log: LogFn,
         limits: Limits,
     ) -> Result<Self, HttpError> {
+        Self::start_adopting(addr, None, render, log, limits)
+    }
+
+    /// [`HttpServer::start_with`], serving on `listener` (a listening socket inherited
+    /// from the program this one replaced, bound for `addr`) instead of binding anew; if
+    /// it cannot be used, binds `addr` as usual.
+    pub fn start_adopting(
+        addr: SocketAddr,
+        listener: Option<OwnedFd>,
+        render: RenderFn,
+        log: LogFn,
+        limits: Limits,
+    ) -> Result<Self, HttpError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()
             .map_err(HttpError::Runtime)?;
         let bound = Arc::new(Mutex::new(None));
+        let held = Arc::new(Mutex::new(None));
         let (addr_tx, addr_rx) = watch::channel(addr);
         let (stop_tx, stop_rx) = oneshot::channel();
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let conns = Arc::new(Mutex::new(Conns::default()));
+        let (draining, drain_rx) = watch::channel(false);
         let server = Server {
+            draining: drain_rx,
             page: Arc::new(Page {
                 render,
                 reuse: limits.page_reuse,
@@ -164,6 +192,7 @@ impl HttpServer {
             }),
             log,
             bound: bound.clone(),
+            held: held.clone(),
             conns: conns.clone(),
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             limits,
@@ -172,7 +201,7 @@ impl HttpServer {
         let thread = std::thread::Builder::new()
             .name("metrics".into())
             .spawn(move || {
-                rt.block_on(server.run(addr_rx, stop_rx, first_tx));
+                rt.block_on(server.run(addr_rx, stop_rx, first_tx, listener));
                 // Connection tasks are dropped, never awaited: a stuck client cannot
                 // hold up shutdown.
                 rt.shutdown_background();
@@ -182,6 +211,8 @@ impl HttpServer {
         let _ = first_rx.recv_timeout(Duration::from_secs(5));
         Ok(HttpServer {
             bound,
+            held,
+            draining,
             conns,
             addr_tx: Arc::new(addr_tx),
             stop: Some(stop_tx),
@@ -192,6 +223,34 @@ impl HttpServer {
     /// The address currently bound (the real port with port 0), `None` while not bound.
     pub fn addr(&self) -> Option<SocketAddr> {
         *self.bound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A copy of the listening socket and the address it was asked for (close-on-exec;
+    /// `None` while not bound), to hand to the next program at reexec.
+    pub fn listener(&self) -> Option<(OwnedFd, SocketAddr)> {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let (fd, want) = held.as_ref()?;
+        Some((fd.try_clone().ok()?, *want))
+    }
+
+    /// Stop accepting (new connections wait in the backlog) and close every connection
+    /// once its request in progress is answered; waits for that, at most `limit`. True
+    /// when every connection is closed. [`HttpServer::undrain`] accepts again.
+    pub fn drain(&self, limit: Duration) -> bool {
+        self.draining.send_replace(true);
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if lock(&self.conns).open.is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lock(&self.conns).open.is_empty()
+    }
+
+    /// Accept again after [`HttpServer::drain`] (a reexec that failed).
+    pub fn undrain(&self) {
+        self.draining.send_replace(false);
     }
 
     /// Connections open now.
@@ -327,9 +386,12 @@ struct Listening {
 }
 
 struct Server {
+    /// True while draining for a reexec.
+    draining: watch::Receiver<bool>,
     page: Arc<Page>,
     log: LogFn,
     bound: Arc<Mutex<Option<SocketAddr>>>,
+    held: Arc<Mutex<Option<(OwnedFd, SocketAddr)>>>,
     conns: Arc<Mutex<Conns>>,
     slots: Arc<Semaphore>,
     limits: Limits,
@@ -391,24 +453,45 @@ impl Server {
         mut addr_rx: watch::Receiver<SocketAddr>,
         mut stop: oneshot::Receiver<()>,
         first: std::sync::mpsc::Sender<()>,
+        inherited: Option<OwnedFd>,
     ) {
         let mut listening: Option<Listening> = None;
         let mut pending: Option<Pending> = None;
         let want = *addr_rx.borrow_and_update();
-        self.try_bind(want, &mut listening, &mut pending);
+        match inherited.map(|fd| self.adopt(fd, want)) {
+            Some(Ok(l)) => listening = Some(l),
+            Some(Err(e)) => {
+                self.log(
+                    3,
+                    &format!(
+                        "metrics: the inherited listener cannot be used ({e}); binding {want}"
+                    ),
+                );
+                self.try_bind(want, &mut listening, &mut pending);
+            }
+            None => self.try_bind(want, &mut listening, &mut pending),
+        }
         let _ = first.send(());
         let mut paused_until: Option<Instant> = None;
         let mut accept_errors = RateLimited::default();
+        let mut draining_rx = self.draining.clone();
         loop {
+            let draining = *draining_rx.borrow_and_update();
             let wake = tokio::select! {
                 _ = &mut stop => Wake::Stop,
+                r = draining_rx.changed() => match r {
+                    Ok(()) => Wake::Resume,
+                    Err(_) => Wake::Stop,
+                },
                 r = addr_rx.changed() => match r {
                     Ok(()) => Wake::AddressChanged,
                     Err(_) => Wake::Stop,
                 },
                 _ = wait_until(pending.as_ref().map(|p| p.at)) => Wake::RetryBind,
                 _ = wait_until(paused_until) => Wake::Resume,
-                r = accept(&listening), if paused_until.is_none() => Wake::Accepted(r),
+                r = accept(&listening), if paused_until.is_none() && !draining => {
+                    Wake::Accepted(r)
+                }
             };
             match wake {
                 Wake::Stop => return,
@@ -443,6 +526,30 @@ impl Server {
         (self.log)(prio, msg);
     }
 
+    /// Serve on `fd`, a listening socket inherited at reexec, bound for `want`.
+    fn adopt(&self, fd: OwnedFd, want: SocketAddr) -> std::io::Result<Listening> {
+        let std = std::net::TcpListener::from(fd);
+        std.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(std)?;
+        let local = listener.local_addr()?;
+        self.hold(&listener, want);
+        *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(local);
+        self.log(
+            6,
+            &format!("metrics on http://{local}/metrics (listener handed over)"),
+        );
+        Ok(Listening {
+            listener,
+            wanted: want,
+        })
+    }
+
+    /// Keep a copy of the listening socket for a handover.
+    fn hold(&self, listener: &TcpListener, want: SocketAddr) {
+        let copy = listener.as_fd().try_clone_to_owned().ok();
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = copy.map(|c| (c, want));
+    }
+
     /// Bind `want`; on success it replaces the current listener, on failure the current
     /// one (if any) keeps serving and a retry is scheduled.
     fn try_bind(
@@ -462,6 +569,7 @@ impl Server {
                     .and_then(|l| l.listener.local_addr().ok())
                     .map(|old| format!("; no longer on {old}"))
                     .unwrap_or_default();
+                self.hold(&listener, want);
                 *listening = Some(Listening {
                     listener,
                     wanted: want,
@@ -583,6 +691,7 @@ impl Server {
             self.page.clone(),
             self.limits,
             permit,
+            self.draining.clone(),
         ));
         if let Some(c) = lock(&self.conns).open.get_mut(&id) {
             c.abort = Some(task.abort_handle());
@@ -626,6 +735,7 @@ async fn serve_connection(
     page: Arc<Page>,
     limits: Limits,
     _permit: OwnedSemaphorePermit,
+    mut draining: watch::Receiver<bool>,
 ) {
     let (id, conns) = (guard.id, guard.conns.clone());
     let svc = service_fn(move |req: Request<Incoming>| {
@@ -645,6 +755,8 @@ async fn serve_connection(
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = sleep(limits.connection_deadline) => {}
+        // A reexec: the request in progress is answered, then the connection closes.
+        _ = draining.wait_for(|d| *d) => {}
     }
     conn.as_mut().graceful_shutdown();
     let _ = timeout(limits.close_grace, conn).await;

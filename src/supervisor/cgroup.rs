@@ -17,6 +17,11 @@
 //! on the event loop's timer instead), panics on unexpected `memory.oom_control` text,
 //! reports no `oom_kill` count on v2, and has no notion of the v2 leaf move or
 //! `memory.oom.group`; what we need is a dozen small files.
+//!
+//! At reexec the pid stays, so the fleet's directories keep their names: the new
+//! program adopts them as they are ([`FleetCgroups::hand_over`], [`FleetCgroups::adopt`])
+//! and runs no set-up (no stale-fleet cleanup, no v2 leaf move): nothing of a running
+//! VM is touched.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -85,7 +90,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 }
 
 /// Which cgroup version the limits are set through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Version {
     /// One hierarchy per controller.
     V1,
@@ -109,7 +114,7 @@ impl Hierarchy {
 }
 
 /// A VM's cgroup while its child lives.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct VmCgroup {
     dirs: Vec<PathBuf>,
     /// `memory.oom_control` (v1) or `memory.events` (v2); `None` without a memory
@@ -180,6 +185,16 @@ impl Placement {
         }
         Ok(())
     }
+}
+
+/// The fleet's cgroups as handed to the next program at reexec.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct HeldCgroups {
+    version: Version,
+    /// Each hierarchy's fleet directory and controllers.
+    hierarchies: Vec<(PathBuf, Vec<String>)>,
+    live: BTreeMap<String, VmCgroup>,
+    leftovers: Vec<Vec<PathBuf>>,
 }
 
 /// The cgroups of one fleet: set up once at `up`, one per VM child, removed at exit.
@@ -268,6 +283,80 @@ impl FleetCgroups {
             leftovers: Vec::new(),
             retry_at: None,
         })
+    }
+
+    /// Everything, for the next program at reexec (this one keeps it too, should the
+    /// exec fail). Nothing is removed.
+    pub fn hand_over(&self) -> HeldCgroups {
+        HeldCgroups {
+            version: self.version,
+            hierarchies: self
+                .hierarchies
+                .iter()
+                .map(|h| {
+                    let cs = h.controllers.iter().map(|c| c.to_string()).collect();
+                    (h.fleet_dir.clone(), cs)
+                })
+                .collect(),
+            live: self
+                .live
+                .iter()
+                .map(|(n, v)| {
+                    let v = VmCgroup {
+                        dirs: v.dirs.clone(),
+                        oom_file: v.oom_file.clone(),
+                        oom_kills_before: v.oom_kills_before,
+                        memory_limit_mib: v.memory_limit_mib,
+                    };
+                    (n.clone(), v)
+                })
+                .collect(),
+            leftovers: self.leftovers.iter().map(|l| l.dirs.clone()).collect(),
+        }
+    }
+
+    /// The cgroups the program this one replaced (same pid) handed over. A hierarchy
+    /// whose fleet directory is not this pid's or is gone is dropped (logged by the
+    /// caller through the returned lines); VM cgroups are taken as they are.
+    pub fn adopt(held: HeldCgroups, now: Instant) -> (Self, Vec<String>) {
+        let mut notes = Vec::new();
+        let ours = format!("vmm-fleet-{}", std::process::id());
+        let hierarchies = held
+            .hierarchies
+            .into_iter()
+            .filter_map(|(fleet_dir, cs)| {
+                let named = fleet_dir.file_name().is_some_and(|n| n == ours.as_str());
+                if !named || !fleet_dir.is_dir() {
+                    notes.push(format!(
+                        "cgroup {} handed over is not this fleet's: not used",
+                        fleet_dir.display()
+                    ));
+                    return None;
+                }
+                let controllers = CONTROLLERS
+                    .into_iter()
+                    .filter(|c| cs.iter().any(|x| x == c))
+                    .collect();
+                Some(Hierarchy {
+                    fleet_dir,
+                    controllers,
+                })
+            })
+            .collect::<Vec<_>>();
+        let leftovers: Vec<Leftover> = held
+            .leftovers
+            .into_iter()
+            .map(|dirs| Leftover { dirs, attempts: 0 })
+            .collect();
+        let retry_at = (!leftovers.is_empty()).then(|| now + REMOVE_RETRY);
+        let cg = FleetCgroups {
+            version: held.version,
+            hierarchies,
+            live: held.live,
+            leftovers,
+            retry_at,
+        };
+        (cg, notes)
     }
 
     /// One line on what is limited and where, for the log.

@@ -79,6 +79,9 @@ pub type LogFn = Arc<dyn Fn(u8, &str) + Send + Sync>;
 /// The running server (its listener thread lives as long as the process).
 pub struct ControlServer {
     path: PathBuf,
+    /// A copy of the listening socket, handed to the next program at reexec.
+    listener: Option<std::os::fd::OwnedFd>,
+    shared: Arc<Shared>,
 }
 
 impl ControlServer {
@@ -106,6 +109,38 @@ impl ControlServer {
         let listener = UnixListener::bind(path).map_err(io_err("bind"))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o660))
             .map_err(io_err("chmod 0660"))?;
+        Self::serve(path, listener, events, consoles, log)
+    }
+
+    /// Serve on `fd`, the listening socket at `path` that the program this one replaced
+    /// handed over at reexec (connections made meanwhile wait in its backlog).
+    pub fn start_adopting(
+        path: &Path,
+        fd: std::os::fd::OwnedFd,
+        events: Sender<Event>,
+        consoles: Arc<Consoles>,
+        log: LogFn,
+    ) -> Result<ControlServer, ControlError> {
+        Self::serve(path, UnixListener::from(fd), events, consoles, log)
+    }
+
+    fn serve(
+        path: &Path,
+        listener: UnixListener,
+        events: Sender<Event>,
+        consoles: Arc<Consoles>,
+        log: LogFn,
+    ) -> Result<ControlServer, ControlError> {
+        let io_err = |what| {
+            move |source| ControlError::Io {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let copy = std::os::fd::AsFd::as_fd(&listener)
+            .try_clone_to_owned()
+            .ok();
         // The group is the process's unless the directory is setgid; chown only then
         // (the packaged unit's syscall filter refuses chown: it never needs it).
         let egid = nix::unistd::getegid();
@@ -130,13 +165,26 @@ impl ControlServer {
             uid: nix::unistd::geteuid().as_raw(),
             active: AtomicUsize::new(0),
         });
+        let s = shared.clone();
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(listener, shared))
+            .spawn(move || accept_loop(listener, s))
             .map_err(io_err("starting its thread"))?;
         Ok(ControlServer {
             path: path.to_path_buf(),
+            listener: copy,
+            shared,
         })
+    }
+
+    /// A copy of the listening socket (close-on-exec), for the next program at reexec.
+    pub fn listener(&self) -> Option<std::os::fd::OwnedFd> {
+        self.listener.as_ref()?.try_clone().ok()
+    }
+
+    /// Connections being served now (a reexec waits for them to be answered).
+    pub fn busy(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
     }
 
     /// The socket's path.

@@ -33,7 +33,7 @@ use crate::protocol::{ExitCode, ToChild};
 pub const HARD_STOP_WAIT: Duration = Duration::from_secs(3);
 
 /// The fleet settings a machine's timers come from (they may change at a reload).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Timing {
     /// How long a guest gets to shut down after Ctrl-Alt-Del (or, for a child without a
     /// control channel, from SIGTERM to SIGKILL): `stop_grace_s`.
@@ -43,7 +43,7 @@ pub struct Timing {
 }
 
 /// What happens once a child that is being stopped is gone.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Then {
     /// It stays down (the fleet is stopping).
     StayDown,
@@ -58,7 +58,7 @@ pub enum Then {
 }
 
 /// How far a requested stop has gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StopPhase {
     /// Ctrl-Alt-Del sent: the guest has until the deadline to shut down.
     Asked,
@@ -69,7 +69,7 @@ pub enum StopPhase {
 }
 
 /// Where one VM stands.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum State {
     /// Not started yet.
     New,
@@ -81,6 +81,7 @@ pub enum State {
         /// The child.
         pid: u32,
         /// When it counts as running (the settle time after its start).
+        #[serde(with = "super::handover::clock")]
         running_at: Instant,
     },
     /// The child runs and its guest is up.
@@ -101,6 +102,7 @@ pub enum State {
         phase: StopPhase,
         /// When the next phase is due; `None` once SIGKILL is sent (or never, for a
         /// deadline past what an Instant holds).
+        #[serde(with = "super::handover::clock::option")]
         deadline: Option<Instant>,
         /// What follows its exit.
         then: Then,
@@ -109,6 +111,7 @@ pub enum State {
     /// represent, i.e. never).
     Backoff {
         /// When the restart is due.
+        #[serde(with = "super::handover::clock::option")]
         until: Option<Instant>,
     },
     /// No child and none planned (the policy said stay down, or the fleet stops).
@@ -294,8 +297,8 @@ fn fmt_delay(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
 
-/// One VM's state machine.
-#[derive(Debug, Clone)]
+/// One VM's state machine (serialized whole at reexec, see [`super::handover`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Machine {
     spec: VmSpec,
     state: State,

@@ -22,10 +22,12 @@ pub mod cgroup;
 pub mod channel;
 pub mod console;
 pub mod control;
+pub mod handover;
 pub mod machine;
 pub mod output;
 pub mod policy;
 pub mod pool;
+pub mod reexec;
 pub mod spawn;
 mod table;
 pub mod watchdog;
@@ -41,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -55,7 +57,7 @@ use policy::{ChildExit, VmState};
 use spawn::{SpawnRequest, Spawner};
 
 /// Where the supervisor finds its fleet.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FleetSource {
     /// The directory of VM files.
     pub dir: PathBuf,
@@ -230,6 +232,25 @@ pub struct Supervisor<S: Spawner> {
     reload_waiters: Vec<SyncSender<WireResponse>>,
     /// `reload` requests that came during a load: answered after the next one.
     reload_waiters_next: Vec<SyncSender<WireResponse>>,
+    /// What reexec needs (None: reexec is refused).
+    reexec: Option<reexec::ReexecContext>,
+    /// A reexec was asked for and checked: the loop execs at the end of this round.
+    reexec_requested: bool,
+    /// Set when this supervisor was handed over by a reexec (see [`reexec`]).
+    resumed: Option<ResumeState>,
+    /// When the fleet was first started (Unix seconds), across reexecs.
+    started_unix: Option<f64>,
+    /// Reexecs since `up` started the fleet.
+    reexecs: u64,
+}
+
+/// What a resumed supervisor does first.
+#[derive(Debug)]
+struct ResumeState {
+    /// A reload was under way in the old program: load again.
+    reload: bool,
+    /// Signals the old program had taken off its channel and not handled.
+    signals: Vec<i32>,
 }
 
 /// Every state name, for the exporter.
@@ -257,10 +278,18 @@ impl<S: Spawner> Supervisor<S> {
             .into_iter()
             .map(|s| (s.name.clone(), Vm::new(s, timing(&settings), &log)))
             .collect();
+        let mut sup = Self::empty(source, settings, spawner, log);
+        sup.vms = vms;
+        sup.started_unix = unix_now();
+        sup
+    }
+
+    /// A supervisor without VMs.
+    fn empty(source: FleetSource, settings: FleetSettings, spawner: S, log: EventLog) -> Self {
         Supervisor {
             source,
             settings,
-            vms,
+            vms: BTreeMap::new(),
             spawner,
             log,
             stopping: false,
@@ -278,6 +307,11 @@ impl<S: Spawner> Supervisor<S> {
             parked: HashMap::new(),
             reload_waiters: Vec::new(),
             reload_waiters_next: Vec::new(),
+            reexec: None,
+            reexec_requested: false,
+            resumed: None,
+            started_unix: None,
+            reexecs: 0,
         }
     }
 
@@ -358,6 +392,11 @@ impl<S: Spawner> Supervisor<S> {
         }
     }
 
+    /// The fleet settings in force.
+    pub fn settings(&self) -> &FleetSettings {
+        &self.settings
+    }
+
     /// Every VM's state.
     pub fn status(&self) -> Vec<VmStatus> {
         self.vms
@@ -377,9 +416,23 @@ impl<S: Spawner> Supervisor<S> {
     ///
     /// `events` carries signals (from a signal thread) and reload results (sent on
     /// `sender` by the loader threads this starts).
+    ///
+    /// A supervisor handed over by a reexec ([`Supervisor::resume`]) starts nothing: it
+    /// reaps the children that died during the exec and carries on.
     pub fn run(&mut self, events: &Receiver<Event>, sender: &Sender<Event>) -> i32 {
         self.events = Some(sender.clone());
-        self.start_all(Instant::now());
+        match self.resumed.take() {
+            None => self.start_all(Instant::now()),
+            Some(r) => {
+                self.reap();
+                for sig in r.signals {
+                    self.on_signal(sig);
+                }
+                if r.reload {
+                    self.begin_reload();
+                }
+            }
+        }
         self.publish();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         // systemd's watchdog (WatchdogSec=) is armed once READY=1 is sent.
@@ -421,6 +474,8 @@ impl<S: Spawner> Supervisor<S> {
                 self.publish();
                 published = Instant::now();
             }
+            // Returns only if the reexec was refused or failed (logged).
+            self.reexec_if_requested(events);
             if self.all_stopped() {
                 for dir in self.cgroups.remove_all() {
                     self.log
@@ -466,6 +521,11 @@ impl<S: Spawner> Supervisor<S> {
                 self.begin_stop(Instant::now());
             }
             SIGHUP => self.begin_reload(),
+            SIGUSR2 => {
+                if let Err(e) = self.reexec() {
+                    self.log.line(3, &format!("reexec refused: {e}"));
+                }
+            }
             _ => {}
         }
     }
@@ -940,11 +1000,6 @@ impl<S: Spawner> Supervisor<S> {
         Ok(report)
     }
 
-    /// Re-execute the supervisor's binary, VMs kept (issue 9 part 4; not in this build).
-    pub fn reexec(&mut self) -> Result<(), String> {
-        Err("reexec is not implemented in this build".into())
-    }
-
     /// One VM's status as the control socket reports it.
     fn vm_info(&self, name: &str, vm: &Vm, now_unix: Option<f64>) -> VmInfo {
         let m = &vm.machine;
@@ -974,8 +1029,17 @@ impl<S: Spawner> Supervisor<S> {
             WireCommand::Reload if self.stopping => WireResponse::error("the fleet is stopping"),
             WireCommand::Reload => return self.request_reload(reply),
             WireCommand::Reexec => match self.reexec() {
-                Ok(()) => WireResponse::ok(),
-                Err(e) => WireResponse::error(format!("reexec refused: {e}")),
+                Ok(msg) => {
+                    self.log.line(6, &msg);
+                    WireResponse {
+                        program: Some(self.program()),
+                        ..WireResponse::ok()
+                    }
+                }
+                Err(e) => {
+                    self.log.line(3, &format!("reexec refused: {e}"));
+                    WireResponse::error(format!("reexec refused: {e}"))
+                }
             },
             WireCommand::Status { vm: None } => {
                 let now_unix = unix_now();
@@ -986,6 +1050,7 @@ impl<S: Spawner> Supervisor<S> {
                             .map(|(n, v)| self.vm_info(n, v, now_unix))
                             .collect(),
                     ),
+                    program: Some(self.program()),
                     ..WireResponse::ok()
                 }
             }

@@ -17,6 +17,9 @@
 //! - Files are opened `O_NOFOLLOW | O_CLOEXEC | O_APPEND | O_CREAT`, mode 0640, and must be
 //!   regular files; the log directory is created mode 0750 and refused when others may
 //!   write it (see [`check_log_dir`]).
+//! - At reexec the thread hands its pipes over ([`OutputHub::hand_over`]) and stops
+//!   without reading them: what the children write meanwhile waits in the pipes (64 KiB
+//!   each) and is read by the new program's thread ([`OutputHub::start_adopting`]).
 
 use std::collections::HashMap;
 use std::fs::{DirBuilder, File};
@@ -52,7 +55,7 @@ const FINAL_READS: usize = 16;
 const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A VM's output limits, from the fleet settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Size cap of each file, in bytes.
     pub max_bytes: u64,
@@ -257,10 +260,47 @@ impl Bucket {
 }
 
 /// Which file a pipe feeds.
-#[derive(Debug, Clone, Copy)]
-enum Kind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    /// The child's stdout: its guest console.
     Console,
+    /// The child's stderr: its VMM log.
     Log,
+}
+
+/// One VM's files and limits as handed over at reexec.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HeldVm {
+    /// The VM.
+    pub name: String,
+    /// Its console file.
+    pub console: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+/// One pipe read end as handed over at reexec.
+#[derive(Debug)]
+pub struct HeldStream {
+    /// The VM it belongs to.
+    pub vm: String,
+    /// Which file it feeds.
+    pub kind: Kind,
+    /// The read end.
+    pub pipe: OwnedFd,
+}
+
+/// What the output thread hands to the next program at reexec.
+#[derive(Debug, Default)]
+pub struct HeldOutput {
+    /// Every VM with a pipe open.
+    pub vms: Vec<HeldVm>,
+    /// Every pipe.
+    pub streams: Vec<HeldStream>,
+    /// Every VM's dropped-bytes counter.
+    pub dropped: Vec<(String, u64)>,
 }
 
 /// A VM's files and limits, while one of its children still has a pipe open.
@@ -295,6 +335,8 @@ struct Attach {
 enum Cmd {
     Attach(Box<Attach>),
     Stop,
+    /// Hand everything over (reexec) and stop without reading the pipes.
+    HandOver(Sender<HeldOutput>),
 }
 
 /// The handle of the output thread.
@@ -309,19 +351,45 @@ pub struct OutputHub {
 impl OutputHub {
     /// Starts the output thread.
     pub fn start() -> io::Result<Self> {
+        Self::start_adopting(HeldOutput::default())
+    }
+
+    /// Starts the output thread with what the program this one replaced handed over
+    /// (reexec): its files are opened again (appending), its pipes read from here on.
+    /// A VM whose files cannot be opened is logged; its pipes are still read (and what
+    /// comes through them counted as dropped), so its child never blocks on a full pipe.
+    pub fn start_adopting(held: HeldOutput) -> io::Result<Self> {
         let flags = OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         let (their_wake, wake) = nix::unistd::pipe2(flags).map_err(io::Error::from)?;
         let (their_wake, wake) = (File::from(their_wake), File::from(wake));
+        let dropped: HashMap<String, Arc<AtomicU64>> = held
+            .dropped
+            .iter()
+            .map(|(n, v)| (n.clone(), Arc::new(AtomicU64::new(*v))))
+            .collect();
+        let mut worker = Worker::new(their_wake, channel().1);
+        worker.adopt(held, &dropped);
         let (tx, rx) = channel();
+        worker.rx = rx;
         let thread = std::thread::Builder::new()
             .name("output".into())
-            .spawn(move || Worker::new(their_wake, rx).run())?;
+            .spawn(move || worker.run())?;
         Ok(OutputHub {
             tx,
             wake,
             thread: Some(thread),
-            dropped: Mutex::new(HashMap::new()),
+            dropped: Mutex::new(dropped),
         })
+    }
+
+    /// Stops the thread without reading the pipes any further and gives back every
+    /// pipe, file name, limit and counter (for reexec). Afterwards the hub takes no
+    /// new VM ([`OutputError::Gone`]).
+    pub fn hand_over(&self) -> Result<HeldOutput, OutputError> {
+        let (tx, rx) = channel();
+        self.send(Cmd::HandOver(tx))?;
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .map_err(|_| OutputError::Gone)
     }
 
     /// The counter of bytes dropped from `name`'s output (one per VM name, for the life
@@ -451,6 +519,26 @@ impl Prepared<'_> {
     }
 }
 
+/// A sink that discards (for a handed-over VM whose files cannot be opened again); no
+/// cap, so it is never rotated.
+fn null_sink() -> Result<Sink, OutputError> {
+    let path = PathBuf::from("/dev/null");
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(|e| OutputError::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(Sink {
+        path,
+        file,
+        size: 0,
+        max: u64::MAX,
+        failing: false,
+    })
+}
+
 /// The thread's state.
 struct Worker {
     /// Read end of the wake-up pipe.
@@ -534,8 +622,93 @@ impl Worker {
             match self.rx.try_recv() {
                 Ok(Cmd::Attach(a)) => self.attach(*a),
                 Ok(Cmd::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+                Ok(Cmd::HandOver(reply)) => {
+                    let _ = reply.send(self.hand_over());
+                    // Stopped: nothing read any more, nothing drained.
+                    self.streams.clear();
+                    self.vms.clear();
+                    return false;
+                }
                 Err(std::sync::mpsc::TryRecvError::Empty) => return true,
             }
+        }
+    }
+
+    /// Everything, for the next program (the pipes are moved out).
+    fn hand_over(&mut self) -> HeldOutput {
+        let vms = self
+            .vms
+            .iter()
+            .map(|(name, vm)| HeldVm {
+                name: name.clone(),
+                console: vm.console.path.clone(),
+                log: vm.log.path.clone(),
+                limits: Limits {
+                    max_bytes: vm.console.max,
+                    rate_bytes_per_s: vm.bucket.rate as u64,
+                },
+            })
+            .collect();
+        let dropped = self
+            .vms
+            .iter()
+            .map(|(n, vm)| (n.clone(), vm.dropped.load(Ordering::Relaxed)))
+            .collect();
+        let streams = self
+            .streams
+            .drain(..)
+            .map(|s| HeldStream {
+                vm: s.vm,
+                kind: s.kind,
+                pipe: s.pipe.into(),
+            })
+            .collect();
+        HeldOutput {
+            vms,
+            streams,
+            dropped,
+        }
+    }
+
+    /// Take over what another program's thread handed over.
+    fn adopt(&mut self, held: HeldOutput, dropped: &HashMap<String, Arc<AtomicU64>>) {
+        for vm in held.vms {
+            let files = Sink::open(vm.console.clone(), vm.limits.max_bytes)
+                .and_then(|c| Ok((c, Sink::open(vm.log.clone(), vm.limits.max_bytes)?)));
+            let (console, log) = match files {
+                Ok(f) => f,
+                Err(e) => {
+                    self.log
+                        .vm(3, &vm.name, &format!("output after reexec: {e}"));
+                    // Its pipes are still read (and dropped): a child must never block.
+                    match (null_sink(), null_sink()) {
+                        (Ok(c), Ok(l)) => (c, l),
+                        _ => continue,
+                    }
+                }
+            };
+            let pipes = held.streams.iter().filter(|s| s.vm == vm.name).count();
+            self.vms.insert(
+                vm.name.clone(),
+                VmOut {
+                    console,
+                    log,
+                    bucket: Bucket::new(vm.limits.rate_bytes_per_s),
+                    dropped: dropped.get(&vm.name).cloned().unwrap_or_default(),
+                    pipes,
+                    dropping: false,
+                },
+            );
+        }
+        for s in held.streams {
+            if !self.vms.contains_key(&s.vm) {
+                continue;
+            }
+            self.streams.push(Stream {
+                vm: s.vm,
+                kind: s.kind,
+                pipe: File::from(s.pipe),
+            });
         }
     }
 
@@ -790,6 +963,59 @@ mod tests {
         // No reader: a blocking open for writing would hang here.
         assert!(open_log_file(&d.join("fifo")).is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn handed_over_pipes_lose_no_byte_and_counters_carry_on() {
+        let d = scratch("handover");
+        let hub = OutputHub::start().unwrap();
+        let mut spec = crate::config::VmSpec::from_yaml(
+            "name: h\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\n",
+            &d.join("h.yaml"),
+        )
+        .unwrap();
+        spec.console = ConsoleSpec::Stdout;
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            rate_bytes_per_s: 1 << 20,
+        };
+        let mut p = hub.prepare(&d.join("logs"), &spec, limits).unwrap();
+        let mut out = File::from(p.child_stdout().unwrap());
+        let mut err = File::from(p.child_stderr().unwrap());
+        p.attach().unwrap();
+        hub.dropped_counter("h").store(7, Ordering::Relaxed);
+        let console = d.join("logs/h.console");
+        out.write_all(b"before ").unwrap();
+        let seen = |want: &str| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if std::fs::read_to_string(&console).unwrap_or_default() == want {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            false
+        };
+        assert!(seen("before "));
+        let held = hub.hand_over().unwrap();
+        assert_eq!(held.streams.len(), 2);
+        assert_eq!(held.vms[0].console, console);
+        assert_eq!(held.dropped, vec![("h".to_string(), 7)]);
+        // Nobody reads now: the bytes wait in the pipe.
+        out.write_all(b"during ").unwrap();
+        err.write_all(b"log line\n").unwrap();
+        assert!(hub.hand_over().is_err(), "the old thread is gone");
+        let next = OutputHub::start_adopting(held).unwrap();
+        out.write_all(b"after").unwrap();
+        assert!(seen("before during after"));
+        assert_eq!(next.dropped_counter("h").load(Ordering::Relaxed), 7);
+        drop((out, err));
+        drop(next);
+        assert_eq!(
+            std::fs::read_to_string(d.join("logs/h.log")).unwrap(),
+            "log line\n"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

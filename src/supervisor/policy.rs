@@ -15,7 +15,7 @@ use crate::protocol::ExitCode;
 
 /// How a child ended, as the supervisor saw it in waitpid: typed by the protocol's
 /// [`ExitCode`] where the status is one of ours.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ChildExit {
     /// The process exited with one of the codes of [`ExitCode`].
     Code(ExitCode),
@@ -105,7 +105,7 @@ impl fmt::Display for ChildExit {
 }
 
 /// The VM's lifecycle state as the supervisor reports it (also a metrics label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum VmState {
     /// The child was started; the guest is not known to be up yet.
     Starting,
@@ -182,15 +182,17 @@ pub enum Decision {
 }
 
 /// The restart state machine of one VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Restarter {
     spec: RestartSpec,
     state: VmState,
     /// Failures since the last stable run (saturating).
     consecutive_failures: u32,
     /// Start times within the start-limit interval (at most `start_limit_burst` kept).
+    #[serde(with = "super::handover::clock::deque")]
     recent_starts: VecDeque<Instant>,
     /// The last start, for the uptime of the run that just ended.
+    #[serde(with = "super::handover::clock::option")]
     last_start: Option<Instant>,
     /// The supervisor stops this child on purpose: its next exit is not restarted.
     stop_requested: bool,

@@ -103,6 +103,8 @@ impl ProcessSpawner {
             "--supervisor-pid".into(),
             std::process::id().to_string(),
             "--spec-stdin".into(),
+            "--wire-version".into(),
+            crate::protocol::WIRE_VERSION.to_string(),
         ];
         if table {
             args.extend(["--counters-fd".into(), COUNTERS_FD.to_string()]);

@@ -788,9 +788,10 @@ fn reset_failed_and_reload_through_the_control_handler() {
     assert!(e.starts_with("reload refused, nothing changed: "), "{e}");
     assert!(!e.contains('\n'), "one line: {e}");
     assert_eq!(h.pid("a"), Some(1002));
+    // A supervisor made without `with_reexec` (no binary to exec) refuses it.
     let r = h.ask(WireCommand::Reexec, 600);
     assert_eq!(
         r.error.as_deref(),
-        Some("reexec refused: reexec is not implemented in this build")
+        Some("reexec refused: reexec is not available here (no binary path)")
     );
 }
