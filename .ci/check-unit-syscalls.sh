@@ -2,9 +2,10 @@
 # Does vmm-fleet.service's SystemCallFilter= allow every system call the fleet makes?
 # Runs `vmm-fleet up` (supervisor and VM children) under strace -f through what the
 # service does: start a VM, serve /metrics, ping the watchdog, reload (SIGHUP) with a
-# second VM, stop (SIGTERM); then checks each system call seen against the unit's
-# filter, expanded with `systemd-analyze syscall-filter` as systemd reads it (an allow
-# list starts from @default; later lines add, `~` lines remove, in order).
+# second VM, reexec (SIGUSR2: memfd, exec), stop (SIGTERM); then checks each system
+# call seen against the unit's filter, expanded with `systemd-analyze syscall-filter` as
+# systemd reads it (an allow list starts from @default; later lines add, `~` lines
+# remove, in order).
 # A call outside the filter would fail with EPERM under systemd (SystemCallErrorNumber=).
 #   .ci/check-unit-syscalls.sh [VMM_FLEET_BINARY]   (default target/release/vmm-fleet)
 # Needs root (strace, /dev/kvm), strace, python3, systemd-analyze. Works without systemd.
@@ -75,6 +76,12 @@ exec 3<&-
 vm two 2
 kill -HUP "$fleet_pid"
 until_ok 60 grep -qs 'heartbeat 2' "$work/logs/two.console"
+# Reexec (an upgrade): the new binary asked for its formats, the state in a sealed memfd,
+# the exec of the binary by its path, the new program reading it and carrying on.
+kill -USR2 "$fleet_pid"
+until_ok 60 grep -qs 'reexec: resumed from' "$work/up.err"
+size=$(stat -c %s "$work/logs/two.console")
+until_ok 60 bash -c "[ \$(stat -c %s '$work/logs/two.console') -gt $size ]"
 kill -TERM "$fleet_pid"
 rc=0
 wait "$strace_pid" || rc=$?

@@ -3,7 +3,8 @@
 # them, check the unit (systemd-analyze verify, and security: exposure at most 2.5),
 # install the .deb, run its fleet as the vmm-fleet user the way vmm-fleet.service would
 # (empty as installed, then with the example VM enabled; READY=1 and WATCHDOG=1 on a
-# notify socket), remove and purge it (a user's file in /var/lib/vmm-fleet survives),
+# notify socket; then upgrade to a newer build with two VMs running: the postinst
+# reexecs the fleet, same VM pids), remove and purge it (a user's file in /var/lib/vmm-fleet survives),
 # and install the .rpm into a scratch root.
 #
 # Run as root on Debian 12 (installs what it needs with apt-get). Works without systemd
@@ -63,6 +64,7 @@ cleanup() {
   if dpkg-query -W -f='${db:Status-Status}' vmm-fleet 2>/dev/null | grep -qv '^not-installed$'; then
     dpkg -P vmm-fleet >/dev/null 2>&1 || true
   fi
+  rm -f /etc/vmm-fleet/vms.d/example2.yaml
   # What the test put where a user would (purge keeps those, by design).
   if [ -n "$user_file" ]; then
     rm -f "$user_file" /etc/vmm-fleet/vms.d/example.yaml
@@ -286,8 +288,11 @@ while [ ! -S "$work/notify/sock" ] && kill -0 "$notify_pid" 2>/dev/null; do slee
 # $WATCHDOG_PID = the supervisor's pid (sh execs it, keeping its pid).
 start_fleet() {
   : >"$work/notify.log"
+  # RuntimeDirectory=vmm-fleet: where the control socket goes.
+  install -d -o vmm-fleet -g vmm-fleet -m 0750 /run/vmm-fleet
   setpriv --reuid=vmm-fleet --regid=vmm-fleet --init-groups \
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LOGS_DIRECTORY=/var/log/vmm-fleet \
+    RUNTIME_DIRECTORY=/run/vmm-fleet \
     NOTIFY_SOCKET="$work/notify/sock" WATCHDOG_USEC=1000000 \
     sh -c 'WATCHDOG_PID=$$ exec "$@"' sh \
     /usr/bin/vmm-fleet up "${metrics[@]}" --settings /etc/vmm-fleet/fleet.yaml /etc/vmm-fleet/vms.d \
@@ -364,6 +369,42 @@ check "sd_notify (Type=notify): READY=1, a STATUS= line, WATCHDOG=1 keeps arrivi
 sed 's/^/  | notify: /' "$work/notify.log" | sort | uniq -c | sed 's/^ */  /'
 check "console and log files belong to vmm-fleet" \
   bash -c "[ \"\$(stat -c %U $console /var/log/vmm-fleet/example.log | sort -u)\" = vmm-fleet ]"
+
+echo "== upgrade to a newer build with the fleet running: the VMs keep running (reexec)"
+# A second VM, added by a reload, so that two VMs run through the upgrade.
+sed 's/^name: .*/name: example2/' /usr/share/doc/vmm-fleet/examples/example.yaml \
+  >/etc/vmm-fleet/vms.d/example2.yaml
+kill -HUP "$fleet_pid"
+wait_for 40 grep -qs 'heartbeat 1' /var/log/vmm-fleet/example2.console || true
+vm_pids=$(pgrep -P "$fleet_pid" | sort -n | tr '\n' ' ')
+old_exe=$(readlink "/proc/$fleet_pid/exe")
+# The same build under a higher version: dpkg replaces /usr/bin/vmm-fleet (a new file).
+new_version="$(dpkg-deb -f "$deb" Version)+reexectest"
+cargo deb --no-build --deb-version "$new_version" --output "$work/out2" >"$work/build2.log" 2>&1 ||
+  tail -n 20 "$work/build2.log" >&2
+deb2=$(ls "$work"/out2/vmm-fleet_*_amd64.deb 2>/dev/null | head -n 1)
+check "a newer build of the .deb ($new_version)" test -n "$deb2"
+resumed_before=$(grep -c 'reexec: resumed from' "$work/up-example.err" || true)
+dpkg_rc=0
+dpkg -i "$deb2" >"$work/dpkg-upgrade.log" 2>&1 || dpkg_rc=$?
+sed 's/^/  | /' "$work/dpkg-upgrade.log"
+check "dpkg -i of the newer build with the fleet running (exit $dpkg_rc)" test "$dpkg_rc" -eq 0
+check "installed version is $new_version" \
+  test "$(dpkg-query -W -f='${Version}' vmm-fleet)" = "$new_version"
+wait_for 30 bash -c "[ \$(grep -c 'reexec: resumed from' '$work/up-example.err') -gt $resumed_before ]" || true
+check "postinst reexec'd the running fleet into the new binary (same supervisor pid $fleet_pid)" \
+  bash -c "kill -0 $fleet_pid && [ \$(grep -c 'reexec: resumed from' '$work/up-example.err') -gt $resumed_before ] &&
+           ! readlink /proc/$fleet_pid/exe | grep -q deleted"
+echo "  supervisor exe: before $old_exe; after $(readlink "/proc/$fleet_pid/exe")"
+check "same VM pids after the upgrade ($vm_pids)" \
+  test "$(pgrep -P "$fleet_pid" | sort -n | tr '\n' ' ')" = "$vm_pids"
+size=$(stat -c %s "$console")
+check "the example VM's heartbeat goes on after the upgrade" \
+  wait_for 30 bash -c "[ \$(stat -c %s '$console') -gt $size ]"
+check "no VM was restarted by the upgrade" \
+  bash -c "[ \$(grep -c 'vm example: starting' '$work/up-example.err') -eq 1 ] &&
+           [ \$(grep -c 'vm example2: starting' '$work/up-example.err') -eq 1 ]"
+rm -f /etc/vmm-fleet/vms.d/example2.yaml
 stop_fleet example
 kill "$notify_pid" 2>/dev/null || true
 wait "$notify_pid" 2>/dev/null || true

@@ -5,4 +5,9 @@ done
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
 fi
+# An upgrade: %posttrans (after the old package's scriptlets) hands the running fleet
+# over to the new binary.
+if [ "$1" -ge 2 ]; then
+    mkdir -p /run/vmm-fleet-rpm && touch /run/vmm-fleet-rpm/upgraded || :
+fi
 exit 0

@@ -1,4 +1,5 @@
-# vmm-fleet %postun: reload units; restart a running service after an upgrade.
+# vmm-fleet %postun: reload units. An upgrade does not restart the service: %posttrans
+# asks the running fleet to reexec into the new binary instead (its VMs keep running).
 # On erase, as RPM packages do, the user and /var/log/vmm-fleet are kept (remove them by
 # hand if wanted: userdel vmm-fleet; rm -rf /var/log/vmm-fleet). /var/lib/vmm-fleet,
 # which %post made, goes only when empty: users keep kernels and disk images there, and
@@ -9,8 +10,5 @@ if [ "$1" -eq 0 ] && [ -d /var/lib/vmm-fleet ]; then
 fi
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
-    if [ "$1" -ge 1 ]; then
-        systemctl try-restart vmm-fleet.service >/dev/null 2>&1 || :
-    fi
 fi
 exit 0
