@@ -270,6 +270,59 @@ fn reexec_keeps_every_vm_running_and_every_counter_counting() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// `vmm-fleet ARGS --control DIR/logs/control.sock` (the socket `up` makes beside its
+/// log directory).
+fn ctl(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::bin())
+        .args(args)
+        .arg("--control")
+        .arg(dir.join("logs").join("control.sock"))
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_reexec_control_command_waits_for_the_new_program() {
+    if !kvm_available("the_reexec_control_command_waits_for_the_new_program") {
+        return;
+    }
+    let dir = fleet_dir("reexec-ctl", 2);
+    let names = vm_names(2);
+    let mut cmd = up_command(&dir);
+    cmd.env_remove("RUNTIME_DIRECTORY");
+    let f = Fleet::spawn(cmd);
+    let sup = f.child.id();
+    wait_running(&f, &names);
+    let pids: Vec<u32> = names.iter().map(|n| f.pid_of(n)).collect();
+    for round in 1..=2 {
+        let out = ctl(&dir, &["reexec"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            f.log()
+        );
+        // It returned once the new program answered: already resumed.
+        assert_eq!(f.count("reexec: resumed from"), round, "{}", f.log());
+        assert!(
+            text.contains("runs the fleet now") && text.contains("2 VM(s)"),
+            "{text}"
+        );
+        for (n, pid) in names.iter().zip(&pids) {
+            assert!(child_of(*pid, sup), "vm {n}:\n{}", f.log());
+        }
+    }
+    // The new program serves every command: status shows the same pids.
+    let out = ctl(&dir, &["status", "--json"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    for pid in &pids {
+        assert!(status.contains(&format!("\"pid\":{pid}")), "{status}");
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// Alive and still the supervisor's child.
 fn child_of(pid: u32, sup: u32) -> bool {
     alive(pid) && common::stat_fields(pid).get(1) == Some(&sup.to_string())
@@ -333,6 +386,14 @@ fn a_new_binary_that_cannot_run_or_read_the_state_is_refused_and_nothing_stops()
             .contains("version 9.0.0 reads handover formats [7], not 1"),
         "{}",
         f.log()
+    );
+    // The control command says so too, and fails (a package then falls back).
+    let out = ctl(&dir, &["reexec"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reexec refused") && err.contains("reads handover formats [7], not 1"),
+        "{err}"
     );
     // Nothing was killed, nothing handed over, the old program carries on.
     assert!(alive(sup));
