@@ -320,6 +320,22 @@ fn the_reexec_control_command_waits_for_the_new_program() {
     for pid in &pids {
         assert!(status.contains(&format!("\"pid\":{pid}")), "{status}");
     }
+    // The handed-over control channel works: a graceful stop reaches the guest as
+    // Ctrl-Alt-Del and it powers itself off (exit 0), instead of the SIGTERM after the
+    // grace period that a child without a channel gets.
+    let out = ctl(&dir, &["stop", "rx0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        f.wait_for(LIMIT, |f| f
+            .count("vm rx0: exited: guest powered off (exit code 0)")
+            == 1),
+        "{}",
+        f.log()
+    );
     let _ = fs::remove_dir_all(&dir);
 }
 
