@@ -14,7 +14,8 @@
 //! Versioning: [`FORMAT`] is what this program writes, [`FORMATS_READ`] what it reads;
 //! `vmm-fleet handover-formats` prints both so that an old program asks a new binary
 //! before it execs it. A program that finds a format it cannot read runs in *hold*
-//! mode (see `main.rs`): it kills nothing, keeps every inherited fd open, and waits.
+//! mode ([`super::reexec::hold`]): it kills nothing, keeps every inherited fd open, and
+//! waits.
 //!
 //! The document comes from the same trusted program (same pid, same user), but is still
 //! checked: its size is bounded, the memfd must be sealed, and every fd it names must be

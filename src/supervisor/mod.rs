@@ -1,5 +1,7 @@
 //! The fleet supervisor: one child process per VM, reaped on SIGCHLD, restarted under
-//! each VM's policy, stopped cleanly on SIGTERM/SIGINT, reloaded on SIGHUP.
+//! each VM's policy, stopped cleanly on SIGTERM/SIGINT, reloaded on SIGHUP, and replaced
+//! by its own binary on SIGUSR2 or `reexec` with every VM running ([`reexec`]: at the end
+//! of a loop round the loop hands its state over and execs).
 //!
 //! The loop waits on one channel of [`Event`]s, fed by a signal thread (signal-hook), by
 //! the worker thread of a reload (whose reading of the directory, whatever it holds,
