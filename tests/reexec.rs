@@ -150,6 +150,12 @@ fn reexec_keeps_every_vm_running_and_every_counter_counting() {
     wait_running(&f, &names);
     let pids: Vec<u32> = names.iter().map(|n| f.pid_of(n)).collect();
     let starts_before = f.count(": starting (pid");
+    let cgroups = |pids: &[u32]| -> Vec<String> {
+        pids.iter()
+            .map(|p| common::read(Path::new(&format!("/proc/{p}/cgroup"))))
+            .collect()
+    };
+    let cgroups_before = cgroups(&pids);
     // Some heartbeats in every console, and a scrape to compare with.
     assert!(wait_until(LIMIT, || names.iter().all(|n| heartbeats(
         &common::read(&console(&dir, n))
@@ -196,6 +202,23 @@ fn reexec_keeps_every_vm_running_and_every_counter_counting() {
         assert_eq!(f.pid_of(n), *pid);
     }
     assert_eq!(f.count(": starting (pid"), starts_before, "{}", f.log());
+    // Each VM is still in its cgroup, under the fleet's directory (named after the pid,
+    // which stayed): adopted, not cleaned up.
+    assert_eq!(cgroups(&pids), cgroups_before);
+    if f.log().contains("cgroups v1: a cgroup per VM") {
+        let rel = cgroups_before[0]
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|x| x.1.to_string()))
+            .expect("a memory cgroup");
+        assert!(rel.ends_with(&format!("vmm-fleet-{sup}/vm-rx0")), "{rel}");
+        let dir = Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'));
+        let listed = common::read(&dir.join("cgroup.procs"));
+        assert!(
+            listed.lines().any(|l| l == pids[0].to_string()),
+            "{}: {listed}",
+            dir.display()
+        );
+    }
     assert!(!f.log().contains("reexec refused"), "{}", f.log());
     // Heartbeats go on in every console: more of them, consecutive, one boot each.
     for (n, size) in names.iter().zip(&sizes) {
