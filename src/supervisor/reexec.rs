@@ -17,6 +17,11 @@
 //!    and execs `EXE up ARGS --resume-fd N`;
 //! 4. if the exec fails: logs it, restores all of the above and carries on.
 //!
+//! Known gap: the handled signals are blocked on the loop's thread only; one that the
+//! signal thread takes between the last look at the event channel and the exec (a
+//! window of milliseconds) is lost (a SIGTERM then has to be sent again; a lost SIGCHLD
+//! does not matter: the new program reaps first).
+//!
 //! The new program ([`Supervisor::resume`]) rebuilds the supervisor from the document
 //! without spawning anything, reaps the children that died during the exec, and carries
 //! on. A VM whose part of the document cannot be read is logged and left alone (its
