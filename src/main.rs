@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use vmm_fleet::config::{FleetSettings, VmSpec, VmUser};
@@ -320,7 +320,7 @@ fn cmd_up(
             return ProcessExit::FAILURE;
         }
     };
-    let (tx, rx) = match process_setup() {
+    let (tx, rx, signals) = match process_setup() {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -355,7 +355,7 @@ fn cmd_up(
         .on_metrics_address_change(move |new| {
             metrics_address_changed(new, metrics_address, handle.as_ref())
         })
-        .with_reexec(reexec_context(exe, exporter, Some(server.clone())));
+        .with_reexec(reexec_context(exe, exporter, Some(server.clone()), signals));
     let code = sup.run(&rx, &tx);
     drop(sup);
     server.remove();
@@ -386,12 +386,14 @@ fn reexec_context(
     exe: PathBuf,
     exporter: Option<Exporter>,
     control: Option<Arc<ControlServer>>,
+    signals: reexec::SignalThread,
 ) -> ReexecContext {
     ReexecContext {
         exe,
         args: reexec::strip_resume(std::env::args_os().skip(1)),
         exporter,
         control,
+        signals: Some(signals),
     }
 }
 
@@ -413,7 +415,14 @@ fn start_exporter(
 
 /// What `up` sets up for the process before any thread: not dumpable, the fd limit, the
 /// signal thread (SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR2). The events channel.
-fn process_setup() -> Result<(mpsc::Sender<Event>, mpsc::Receiver<Event>), ProcessExit> {
+fn process_setup() -> Result<
+    (
+        mpsc::Sender<Event>,
+        mpsc::Receiver<Event>,
+        reexec::SignalThread,
+    ),
+    ProcessExit,
+> {
     // Not dumpable: a process of our user (under the packaged unit, every VM child) can
     // then neither ptrace us nor open /proc/PID/mem or /proc/PID/fd. Children are not
     // affected (execve resets it; they make themselves not dumpable again).
@@ -423,31 +432,18 @@ fn process_setup() -> Result<(mpsc::Sender<Event>, mpsc::Receiver<Event>), Proce
     if let Err(e) = vmm_fleet::supervisor::output::raise_fd_limit() {
         EventLog::default().line(4, &format!("cannot raise the open-files limit: {e}"));
     }
-    let mut signals = match Signals::new([SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR2]) {
-        Ok(s) => s,
+    // Only the signal thread takes the handled signals (see reexec::SignalThread); every
+    // thread started from here on inherits them blocked. (After a reexec they are
+    // blocked already, and those that came during the exec are pending.)
+    reexec::block_signals();
+    let (tx, rx) = mpsc::channel();
+    match reexec::SignalThread::start(tx.clone()) {
+        Ok(t) => Ok((tx, rx, t)),
         Err(e) => {
             eprintln!("vmm-fleet: cannot catch signals: {e}");
-            return Err(ProcessExit::FAILURE);
+            Err(ProcessExit::FAILURE)
         }
-    };
-    // A reexec blocked them over the exec: the handlers are in place now.
-    reexec::unblock_signals();
-    let (tx, rx) = mpsc::channel();
-    let signal_tx = tx.clone();
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                if signal_tx.send(Event::Signal(sig)).is_err() {
-                    return;
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        eprintln!("vmm-fleet: cannot start the signal thread: {e}");
-        return Err(ProcessExit::FAILURE);
     }
-    Ok((tx, rx))
 }
 
 /// `up --resume-fd FD`: the program a reexec started. Reads the state handed over and
@@ -469,7 +465,7 @@ fn cmd_resume(
     };
     // SAFETY: `fd` is the handover memfd, read whole; nothing else uses it.
     unsafe { libc::close(fd) };
-    let (tx, rx) = match process_setup() {
+    let (tx, rx, signals) = match process_setup() {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -515,7 +511,7 @@ fn cmd_resume(
         .on_metrics_address_change(move |new| {
             metrics_address_changed(new, metrics_address, handle.as_ref())
         })
-        .with_reexec(reexec_context(exe, exporter, server.clone()));
+        .with_reexec(reexec_context(exe, exporter, server.clone(), signals));
     let code = sup.run(&rx, &tx);
     drop(sup);
     if let Some(s) = server {

@@ -611,3 +611,30 @@ fn a_failed_exec_leaves_the_old_program_running_with_its_output_and_metrics() {
     assert!(child_of(pids[1], sup));
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_sigterm_right_behind_the_reexec_still_stops_the_fleet() {
+    if !kvm_available("a_sigterm_right_behind_the_reexec_still_stops_the_fleet") {
+        return;
+    }
+    let dir = fleet_dir("reexec-term", 2);
+    let names = vm_names(2);
+    let mut f = Fleet::spawn(up_command(&dir));
+    wait_running(&f, &names);
+    let pids: Vec<u32> = names.iter().map(|n| f.pid_of(n)).collect();
+    // Taken by the old program, pending over the exec, or taken by the new one: never
+    // lost.
+    f.signal(Signal::SIGUSR2);
+    f.signal(Signal::SIGTERM);
+    let status = common::wait_with_limit(&mut f.child, LIMIT);
+    assert!(status.success(), "{status:?}\n{}", f.log());
+    assert!(
+        f.wait_for(LIMIT, |f| f.count("every VM stopped; exiting") == 1),
+        "{}",
+        f.log()
+    );
+    for pid in pids {
+        assert!(wait_until(LIMIT, || !alive(pid)), "pid {pid} still runs");
+    }
+    let _ = fs::remove_dir_all(&dir);
+}

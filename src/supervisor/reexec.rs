@@ -17,10 +17,12 @@
 //!    and execs `EXE up ARGS --resume-fd N`;
 //! 4. if the exec fails: logs it, restores all of the above and carries on.
 //!
-//! Known gap: the handled signals are blocked on the loop's thread only; one that the
-//! signal thread takes between the last look at the event channel and the exec (a
-//! window of milliseconds) is lost (a SIGTERM then has to be sent again; a lost SIGCHLD
-//! does not matter: the new program reaps first).
+//! Signals: only the signal thread ([`SignalThread`]) takes the handled signals; every
+//! other thread blocks them. Before the exec that thread is stopped, so a signal that
+//! comes then (a `systemctl stop` during an upgrade) stays pending across the exec and
+//! reaches the new program; those the thread had already passed on are handed over in
+//! the document. (What is left: a signal in the microseconds between the thread's stop
+//! and its own blocking of them.)
 //!
 //! The new program ([`Supervisor::resume`]) rebuilds the supervisor from the document
 //! without spawning anything, reaps the children that died during the exec, and carries
@@ -57,16 +59,16 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// The hidden option of `up` that names the handover fd.
 pub const RESUME_FLAG: &str = "--resume-fd";
 
-/// The signals the supervisor handles: blocked over the exec so that none arriving then
-/// kills the process before the new program's handlers are in place (pending, they
-/// are delivered once it unblocks them, see [`unblock_signals`]).
-const HANDLED: [Signal; 6] = [
+/// The signals the supervisor handles: blocked on every thread but the signal thread,
+/// and on all of them over the exec, so that none arriving then is lost or kills the
+/// process before the new program's handlers are in place (pending, they are delivered
+/// to its signal thread).
+const HANDLED: [Signal; 5] = [
     Signal::SIGCHLD,
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
     Signal::SIGUSR2,
-    Signal::SIGUSR1,
 ];
 
 fn handled_set() -> SigSet {
@@ -77,10 +79,58 @@ fn handled_set() -> SigSet {
     s
 }
 
-/// Unblock the signals a reexec blocked (a no-op at a first start). Called by `up` once
-/// its handlers are installed, before it starts any thread.
+/// Unblock the handled signals on this thread.
 pub fn unblock_signals() {
     let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&handled_set()), None);
+}
+
+/// The signals `up` handles.
+pub const SIGNALS: [i32; 5] = [
+    libc::SIGCHLD,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR2,
+];
+
+/// The thread that takes every handled signal and sends it to the event loop as
+/// [`Event::Signal`]. Every other thread blocks them ([`block_signals`] on the first
+/// thread before any other starts; threads inherit it; children do not: the standard
+/// library resets a child's mask). So at a reexec, once this thread is stopped
+/// ([`SignalThread::stop`]), a signal that comes stays pending across the exec and
+/// reaches the new program, instead of a handler of a thread the exec ends.
+pub struct SignalThread {
+    handle: signal_hook::iterator::Handle,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl SignalThread {
+    /// Install the handlers and start the thread (call with the signals blocked).
+    pub fn start(events: std::sync::mpsc::Sender<Event>) -> std::io::Result<SignalThread> {
+        let mut signals = signal_hook::iterator::Signals::new(SIGNALS)?;
+        let handle = signals.handle();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                unblock_signals();
+                for sig in signals.forever() {
+                    if events.send(Event::Signal(sig)).is_err() {
+                        break;
+                    }
+                }
+                // Stopped for a reexec: from now on signals wait, pending.
+                block_signals();
+                let _ = done_tx.send(());
+            })?;
+        Ok(SignalThread { handle, done })
+    }
+
+    /// Stop taking signals (they stay pending); true once the thread has stopped.
+    fn stop(&self) -> bool {
+        self.handle.close();
+        self.done.recv_timeout(Duration::from_secs(1)).is_ok()
+    }
 }
 
 /// Why a reexec was refused or failed (the old program carries on in each case).
@@ -129,6 +179,8 @@ pub struct ReexecContext {
     pub exporter: Option<Exporter>,
     /// The control socket's server, whose listener is handed over.
     pub control: Option<Arc<super::control::ControlServer>>,
+    /// The signal thread, stopped just before the exec (restarted if it fails).
+    pub signals: Option<SignalThread>,
 }
 
 /// `args` without any `--resume-fd N` / `--resume-fd=N`.
@@ -330,6 +382,13 @@ impl<S: Spawner> Supervisor<S> {
         // Everything queued so far is handled here; signals that come after are pending
         // across the exec (blocked) or taken off the channel below.
         let old_mask = block_signals();
+        // From here signals stay pending (across the exec) instead of being taken.
+        if let Some(t) = self.reexec.as_ref().and_then(|c| c.signals.as_ref())
+            && !t.stop()
+        {
+            self.log
+                .line(4, "reexec: the signal thread did not stop in time");
+        }
         let mut pending_signals = Vec::new();
         self.take_queued(events, &mut pending_signals);
         // Control answers already given (the `reexec` request's own) are written out
@@ -345,6 +404,7 @@ impl<S: Spawner> Supervisor<S> {
         if self.in_flight > 0 {
             // Something queued asked for a spawn: not now.
             let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+            self.restart_signal_thread();
             for s in pending_signals {
                 self.on_signal(s);
             }
@@ -359,7 +419,30 @@ impl<S: Spawner> Supervisor<S> {
         // Only a failure comes back here.
         self.restore(taken);
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+        self.restart_signal_thread();
         result
+    }
+
+    /// After a reexec that did not happen: signals are taken again (those that came
+    /// meanwhile are pending, and delivered now).
+    fn restart_signal_thread(&mut self) {
+        let Some(ctx) = self.reexec.as_mut() else {
+            return;
+        };
+        if ctx.signals.is_none() {
+            return;
+        }
+        let Some(tx) = self.events.clone() else {
+            return;
+        };
+        match SignalThread::start(tx) {
+            Ok(t) => ctx.signals = Some(t),
+            Err(e) => {
+                ctx.signals = None;
+                self.log
+                    .line(2, &format!("cannot restart the signal thread: {e}"));
+            }
+        }
     }
 
     /// What is queued on the event channel just before the exec: signals kept for the
@@ -599,7 +682,7 @@ impl<S: Spawner> Supervisor<S> {
 }
 
 /// Block the handled signals on this thread; returns the mask before.
-fn block_signals() -> SigSet {
+pub fn block_signals() -> SigSet {
     let mut old = SigSet::empty();
     let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled_set()), Some(&mut old));
     old
