@@ -14,6 +14,8 @@
 //!   through, with a burst of [`BURST_SECONDS`] of it; bytes beyond are read and dropped,
 //!   and counted in the VM's dropped-bytes counter (exported as
 //!   `vmm_fleet_console_dropped_bytes_total{vm}`).
+//! - Each console chunk that passes the rate limit also goes to the VM's console watchers
+//!   ([`Consoles::publish`]: bounded queues, never blocking this thread).
 //! - Files are opened `O_NOFOLLOW | O_CLOEXEC | O_APPEND | O_CREAT`, mode 0640, and must be
 //!   regular files; the log directory is created mode 0750 and refused when others may
 //!   write it (see [`check_log_dir`]).
@@ -35,6 +37,7 @@ use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::EventLog;
+use super::console::Consoles;
 use crate::config::files::{KERNEL_INTERFACE, NotRegular, check_log_dir, open_append_file};
 use crate::config::{ConsoleSpec, FleetSettings, VmSpec};
 
@@ -304,6 +307,7 @@ pub struct OutputHub {
     wake: File,
     thread: Option<JoinHandle<()>>,
     dropped: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    consoles: Arc<Consoles>,
 }
 
 impl OutputHub {
@@ -313,15 +317,24 @@ impl OutputHub {
         let (their_wake, wake) = nix::unistd::pipe2(flags).map_err(io::Error::from)?;
         let (their_wake, wake) = (File::from(their_wake), File::from(wake));
         let (tx, rx) = channel();
+        let consoles = Arc::new(Consoles::default());
+        let tap = consoles.clone();
         let thread = std::thread::Builder::new()
             .name("output".into())
-            .spawn(move || Worker::new(their_wake, rx).run())?;
+            .spawn(move || Worker::new(their_wake, rx, tap).run())?;
         Ok(OutputHub {
             tx,
             wake,
             thread: Some(thread),
             dropped: Mutex::new(HashMap::new()),
+            consoles,
         })
+    }
+
+    /// The console watchers this thread feeds (for the control socket's `console`, and
+    /// for the event loop, which tells it each VM's current child).
+    pub fn consoles(&self) -> Arc<Consoles> {
+        self.consoles.clone()
     }
 
     /// The counter of bytes dropped from `name`'s output (one per VM name, for the life
@@ -460,10 +473,11 @@ struct Worker {
     streams: Vec<Stream>,
     log: EventLog,
     buf: Vec<u8>,
+    consoles: Arc<Consoles>,
 }
 
 impl Worker {
-    fn new(wake: File, rx: Receiver<Cmd>) -> Self {
+    fn new(wake: File, rx: Receiver<Cmd>, consoles: Arc<Consoles>) -> Self {
         Worker {
             wake,
             rx,
@@ -471,6 +485,7 @@ impl Worker {
             streams: Vec::new(),
             log: EventLog::default(),
             buf: vec![0; CHUNK],
+            consoles,
         }
     }
 
@@ -596,6 +611,7 @@ impl Worker {
             vms,
             log,
             buf,
+            consoles,
             ..
         } = self;
         let Some(s) = streams.get_mut(i) else {
@@ -632,6 +648,9 @@ impl Worker {
             }
         }
         if ok > 0 {
+            if let Kind::Console = kind {
+                consoles.publish(name, &buf[..ok]);
+            }
             let sink = match kind {
                 Kind::Console => &mut vm.console,
                 Kind::Log => &mut vm.log,
@@ -833,6 +852,75 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o750
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn console_watchers_see_the_output_and_a_stalled_one_slows_nothing() {
+        use std::os::unix::net::UnixStream;
+        let d = scratch("tap");
+        let hub = OutputHub::start().unwrap();
+        let mut spec = crate::config::VmSpec::from_yaml(
+            "name: t\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\n",
+            &d.join("t.yaml"),
+        )
+        .unwrap();
+        spec.console = ConsoleSpec::Stdout;
+        let limits = Limits {
+            max_bytes: 64 << 20,
+            rate_bytes_per_s: 1 << 30,
+        };
+        let attach = |name: &'static str| {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let consoles = hub.consoles();
+            let t = std::thread::spawn(move || {
+                super::super::console::serve_console(theirs, name, &consoles)
+            });
+            (ours, t)
+        };
+        // One client reads, one never does.
+        let (reader, reader_thread) = attach("t");
+        let (stalled, stalled_thread) = attach("t");
+        let consoles = hub.consoles();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while consoles.watchers("t") < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut p = hub.prepare(&d.join("logs"), &spec, limits).unwrap();
+        let mut out = File::from(p.child_stdout().unwrap());
+        drop(p.child_stderr());
+        p.attach().unwrap();
+        let reading = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = (&reader).read_to_end(&mut all);
+            all
+        });
+        // 8 MiB: far more than the stalled client's queue and socket buffer.
+        let total = 8usize << 20;
+        for _ in 0..total / 65536 {
+            out.write_all(&[b'z'; 65536]).unwrap();
+        }
+        let file = d.join("logs/t.console");
+        let size = || std::fs::metadata(&file).map_or(0, |m| m.len());
+        while size() < total as u64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(size(), total as u64, "the file got every byte");
+        // The reader has had time to catch up; the last line reaches it.
+        out.write_all(b"END").unwrap();
+        while size() < total as u64 + 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        consoles.close_all("test over");
+        let seen = reading.join().unwrap();
+        assert!(String::from_utf8_lossy(&seen[seen.len().saturating_sub(200)..]).contains("END"));
+        let fast = reader_thread.join().unwrap().unwrap();
+        drop(stalled);
+        let slow = stalled_thread.join().unwrap().unwrap();
+        assert!(slow.dropped > 0, "the stalled watcher lost bytes");
+        assert_eq!(fast.mode, super::super::console::Mode::ReadWrite);
+        drop(out);
+        drop(hub);
         let _ = std::fs::remove_dir_all(&d);
     }
 }
