@@ -34,13 +34,16 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{MsgFlags, send};
 
+use super::channel::ChildChannel;
+use crate::protocol::{CONSOLE_CHUNK_MAX, ToChild};
+
 /// Bytes of console output a watcher may have waiting (sent to its client as the
 /// socket takes them); beyond this its client is too slow and loses bytes.
 pub const WATCHER_QUEUE_MAX: usize = 256 * 1024;
 
 /// Most bytes of console input read (and sent to the child) at once: one
-/// `ToChild::Console` message.
-pub const INPUT_CHUNK: usize = 1024;
+/// [`ToChild::Console`] message.
+pub const INPUT_CHUNK: usize = CONSOLE_CHUNK_MAX;
 
 /// How often a followed log file is checked for new bytes (and for its rotation).
 pub const FOLLOW_POLL: Duration = Duration::from_millis(100);
@@ -57,6 +60,12 @@ pub trait ConsoleInput: Send + Sync {
     /// Sends one chunk of at most [`INPUT_CHUNK`] bytes; never blocks (a child that does
     /// not take it is an error).
     fn send_input(&self, chunk: &[u8]) -> io::Result<()>;
+}
+
+impl ConsoleInput for ChildChannel {
+    fn send_input(&self, chunk: &[u8]) -> io::Result<()> {
+        self.send(&ToChild::Console(chunk.to_vec()))
+    }
 }
 
 /// Whether an attached client may type.
@@ -259,6 +268,11 @@ impl Consoles {
                 }
             }
         }
+    }
+
+    /// [`Consoles::set_child`] with a child's control channel.
+    pub fn set_channel(&self, name: &str, channel: Option<&Arc<ChildChannel>>) {
+        self.set_child(name, channel.map(|c| c.clone() as Arc<dyn ConsoleInput>));
     }
 
     /// Output of VM `name`'s console, for its watchers (called by the output thread;
@@ -848,6 +862,36 @@ mod tests {
         again.close().unwrap();
         c.set_child("vm", None);
         assert!(lock(&c.vms).is_empty());
+    }
+
+    #[test]
+    fn keystrokes_reach_a_child_channel_as_console_packets() {
+        let c = Arc::new(Consoles::default());
+        let (ours, theirs) = ChildChannel::pair().unwrap();
+        let ours = Arc::new(ours);
+        c.set_channel("vm", Some(&ours));
+        let mut w = Client::attach(&c, "vm");
+        w.expect("\"rw\"");
+        w.send(&[b'y'; 1500]);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < 1500 {
+            let n = nix::sys::socket::recv(theirs.as_raw_fd(), &mut buf, MsgFlags::empty())
+                .unwrap();
+            match ToChild::decode(&buf[..n]).unwrap() {
+                ToChild::Console(b) => {
+                    assert!(b.len() <= CONSOLE_CHUNK_MAX);
+                    got.extend_from_slice(&b);
+                }
+                m => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(got, vec![b'y'; 1500]);
+        // The child is gone: the writer is told, nothing blocks.
+        drop(theirs);
+        w.send(b"z");
+        w.expect("keystrokes to vm dropped");
+        w.close().unwrap();
     }
 
     #[test]

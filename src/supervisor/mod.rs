@@ -519,6 +519,9 @@ impl<S: Spawner> Supervisor<S> {
                 Action::Spawn => next = self.spawn(name, now),
                 Action::Forget => {
                     self.vms.remove(name);
+                    if let Some(o) = &self.output {
+                        o.consoles().remove(name);
+                    }
                 }
             }
         }
@@ -617,6 +620,9 @@ impl<S: Spawner> Supervisor<S> {
                 vm.start_unix = unix_now();
                 let channel = child.channel.is_some();
                 vm.channel = child.channel;
+                if let Some(o) = &self.output {
+                    o.consoles().set_channel(name, vm.channel.as_ref());
+                }
                 machine::Event::Spawned {
                     pid: child.pid,
                     channel,
@@ -662,6 +668,9 @@ impl<S: Spawner> Supervisor<S> {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.start_unix = unix_now();
                     vm.channel = child.channel;
+                    if let Some(o) = &self.output {
+                        o.consoles().set_channel(&name, vm.channel.as_ref());
+                    }
                 }
                 self.dispatch(&name, machine::Event::Spawned { pid, channel }, now);
                 if let Some(how) = self.parked.remove(&pid) {
@@ -750,6 +759,9 @@ impl<S: Spawner> Supervisor<S> {
         if let Some(name) = name {
             if let Some(vm) = self.vms.get_mut(&name) {
                 vm.channel = None;
+            }
+            if let Some(o) = &self.output {
+                o.consoles().set_channel(&name, None);
             }
             let oom = self.cgroups.exited(&name, now);
             self.dispatch(&name, machine::Event::Exited { how, oom }, now);

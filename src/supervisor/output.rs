@@ -333,8 +333,8 @@ impl OutputHub {
 
     /// The console watchers this thread feeds (for the control socket's `console`, and
     /// for the event loop, which tells it each VM's current child).
-    pub fn consoles(&self) -> Arc<Consoles> {
-        self.consoles.clone()
+    pub fn consoles(&self) -> &Arc<Consoles> {
+        &self.consoles
     }
 
     /// The counter of bytes dropped from `name`'s output (one per VM name, for the life
@@ -872,7 +872,7 @@ mod tests {
         };
         let attach = |name: &'static str| {
             let (ours, theirs) = UnixStream::pair().unwrap();
-            let consoles = hub.consoles();
+            let consoles = hub.consoles().clone();
             let t = std::thread::spawn(move || {
                 super::super::console::serve_console(theirs, name, &consoles)
             });
@@ -881,7 +881,7 @@ mod tests {
         // One client reads, one never does.
         let (reader, reader_thread) = attach("t");
         let (stalled, stalled_thread) = attach("t");
-        let consoles = hub.consoles();
+        let consoles = hub.consoles().clone();
         let deadline = Instant::now() + Duration::from_secs(20);
         while consoles.watchers("t") < 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
