@@ -100,6 +100,26 @@ enum Command {
         #[arg(long)]
         settings: Option<PathBuf>,
     },
+    /// Attach to a VM's serial console: what the guest prints, live, and keystrokes
+    /// into it (one writer at a time; others watch read-only). Ctrl-] detaches.
+    Console {
+        /// The supervisor's control socket.
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// The VM.
+        name: String,
+    },
+    /// Print a VM's console file; with -f, keep printing what the VM prints.
+    Logs {
+        /// The supervisor's control socket.
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Follow: keep printing new output until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// The VM.
+        name: String,
+    },
     /// Run one VM from its YAML file until the guest stops or SIGTERM/SIGINT arrives.
     RunVm {
         /// The VM's YAML file.
@@ -212,6 +232,12 @@ fn main() -> ProcessExit {
             ProcessExit::from(cmd_run_vm(&file, &child).code())
         }
         Command::Validate { dir, settings } => cmd_validate(&dir, settings),
+        Command::Console { control, name } => cmd_console(&control_path(control), &name),
+        Command::Logs {
+            control,
+            follow,
+            name,
+        } => cmd_logs(&control_path(control), &name, follow),
         Command::Up {
             dir,
             settings,
@@ -229,6 +255,44 @@ fn main() -> ProcessExit {
         Command::ResetFailed(a) => cli::vm(a.ctl.control, Wire::ResetFailed { vm: a.name }),
         Command::Reload { ctl } => cli::reload(ctl.control),
         Command::Reexec { ctl } => cli::reexec(ctl.control),
+    }
+}
+
+/// The control socket a client command uses: `--control PATH`, else
+/// `$RUNTIME_DIRECTORY/control.sock` (systemd), else /run/vmm-fleet/control.sock.
+fn control_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| {
+        std::env::var_os("RUNTIME_DIRECTORY").map(|d| PathBuf::from(d).join("control.sock"))
+    })
+    .unwrap_or_else(|| PathBuf::from("/run/vmm-fleet/control.sock"))
+}
+
+/// `console NAME`: 0 on detach (Ctrl-]), 1 on an error or when the supervisor closes the
+/// console, 128 + N on signal N.
+fn cmd_console(socket: &Path, name: &str) -> ProcessExit {
+    use vmm_fleet::control::console::{ConsoleEnd, console};
+    match console(socket, name) {
+        Ok(ConsoleEnd::Detached) => ProcessExit::SUCCESS,
+        Ok(ConsoleEnd::Closed) => {
+            eprintln!("vmm-fleet: the supervisor closed the console of {name}");
+            ProcessExit::FAILURE
+        }
+        Ok(ConsoleEnd::Signal(sig)) => ProcessExit::from(128u8.saturating_add(sig as u8)),
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}");
+            ProcessExit::FAILURE
+        }
+    }
+}
+
+/// `logs NAME [-f]`.
+fn cmd_logs(socket: &Path, name: &str, follow: bool) -> ProcessExit {
+    match vmm_fleet::control::console::logs(socket, name, follow, &mut std::io::stdout().lock()) {
+        Ok(()) => ProcessExit::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}");
+            ProcessExit::FAILURE
+        }
     }
 }
 

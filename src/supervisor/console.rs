@@ -531,7 +531,10 @@ impl Session<'_> {
         }
         let mut fds = vec![PollFd::new(self.stream.as_fd(), sock)];
         if !pending {
-            fds.push(PollFd::new(self.att.watcher.wake.as_fd(), PollFlags::POLLIN));
+            fds.push(PollFd::new(
+                self.att.watcher.wake.as_fd(),
+                PollFlags::POLLIN,
+            ));
         }
         loop {
             match poll(&mut fds, timeout) {
@@ -566,8 +569,7 @@ impl Session<'_> {
         let name = self.att.name.as_str();
         let result = match self.att.mode {
             Mode::ReadOnly => Err(
-                "read-only: another client holds the console, keystrokes are discarded"
-                    .to_string(),
+                "read-only: another client holds the console, keystrokes are discarded".to_string(),
             ),
             Mode::ReadWrite => match self.att.consoles.child(name) {
                 None => Err(format!("{name} is not running: keystrokes dropped")),
@@ -760,7 +762,8 @@ mod tests {
             let (sock, theirs) = UnixStream::pair().unwrap();
             let (c, name) = (consoles.clone(), vm.to_string());
             let server = std::thread::spawn(move || serve_console(theirs, &name, &c));
-            sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
             Client {
                 sock,
                 server,
@@ -852,10 +855,16 @@ mod tests {
         w.send(&big);
         assert!(wait_until(|| lock(&child.got).len() == 6 + 3000));
         assert_eq!(&lock(&child.got)[..6], b"hello\r", "only the writer's keys");
-        assert!(child.chunks.load(Ordering::Relaxed) >= 3, "chunks of at most 1 KiB");
+        assert!(
+            child.chunks.load(Ordering::Relaxed) >= 3,
+            "chunks of at most 1 KiB"
+        );
         let end = w.close().unwrap();
         assert_eq!(end.mode, Mode::ReadWrite);
-        assert!(!c.has_writer("vm"), "the seat is freed when the writer leaves");
+        assert!(
+            !c.has_writer("vm"),
+            "the seat is freed when the writer leaves"
+        );
         let mut again = Client::attach(&c, "vm");
         again.expect("\"mode\":\"rw\"");
         assert_eq!(r.close().unwrap().mode, Mode::ReadOnly);
@@ -876,8 +885,8 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         while got.len() < 1500 {
-            let n = nix::sys::socket::recv(theirs.as_raw_fd(), &mut buf, MsgFlags::empty())
-                .unwrap();
+            let n =
+                nix::sys::socket::recv(theirs.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
             match ToChild::decode(&buf[..n]).unwrap() {
                 ToChild::Console(b) => {
                     assert!(b.len() <= CONSOLE_CHUNK_MAX);
@@ -920,7 +929,10 @@ mod tests {
     #[test]
     fn a_watcher_stays_through_a_restart_and_types_into_the_new_child() {
         let c = Arc::new(Consoles::default());
-        let (old, new) = (Arc::new(FakeChild::default()), Arc::new(FakeChild::default()));
+        let (old, new) = (
+            Arc::new(FakeChild::default()),
+            Arc::new(FakeChild::default()),
+        );
         c.set_child("vm", Some(old.clone()));
         let mut w = Client::attach(&c, "vm");
         w.expect("\"rw\"");
@@ -961,7 +973,10 @@ mod tests {
             }
         }
         assert!(start.elapsed() < Duration::from_secs(30));
-        assert!(slowest < Duration::from_millis(500), "a publish took {slowest:?}");
+        assert!(
+            slowest < Duration::from_millis(500),
+            "a publish took {slowest:?}"
+        );
         // Once it reads again, it gets what was queued, where its bytes went missing,
         // and what comes next.
         stalled.expect(" bytes dropped]\r\n");
@@ -989,7 +1004,9 @@ mod tests {
         c.remove("vm");
         w.expect("vm was removed from the fleet");
         // The server ends the session on its own: the client sees end of file.
-        w.sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        w.sock
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
         let mut rest = Vec::new();
         (&w.sock).read_to_end(&mut rest).unwrap();
         w.server.join().unwrap().unwrap();
@@ -1025,7 +1042,8 @@ mod tests {
         let (sock, theirs) = UnixStream::pair().unwrap();
         let p = path.clone();
         let server = std::thread::spawn(move || serve_logs(theirs, &p, true));
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let mut got = Vec::new();
         let mut read_until = |needle: &str| {
             let mut buf = [0u8; 4096];
