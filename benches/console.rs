@@ -8,13 +8,15 @@
 //! byte is read back from the master: the whole path, client -> socket -> supervisor ->
 //! control channel -> child's control thread -> UART -> guest interrupt handler -> UART
 //! -> child's stdout pipe -> the supervisor's output thread -> watcher queue -> socket ->
-//! client -> pty. One keystroke at a time (the next only after the echo), N of them;
-//! median, p90, min, max.
+//! client -> pty. One keystroke at a time, N of them; median, p90, min, max. Twice:
+//! typed back to back (the next key as soon as the echo is on screen), and typed with a
+//! 20 ms pause before each key (fast human typing is 100 ms or more per key). The output
+//! thread waits 2 ms after a read that found something (`LINGER` in
+//! src/supervisor/output.rs: it batches a guest's byte-per-exit output), so a key typed
+//! back to back waits out the linger of the previous echo; a key after a pause does not.
 //!
 //! The same is measured without the CLI and the pty (a client speaking the protocol on
-//! the socket itself), to show what the client adds. The output thread waits 2 ms after
-//! a read that found something (`LINGER` in src/supervisor/output.rs: it batches a
-//! guest's byte-per-exit output), which sits on this path once per keystroke.
+//! the socket itself), to show what the client adds.
 
 mod common;
 
@@ -33,6 +35,8 @@ use common::{Fleet, Res, Stats, TempDir, VMM, host_line, kvm_unavailable, ms, pr
 const KEYSTROKES: usize = 300;
 const WARMUP: usize = 20;
 const LIMIT: Duration = Duration::from_secs(60);
+/// The pause before each key of a paced run.
+const PAUSE: Duration = Duration::from_millis(20);
 
 fn main() {
     let started = Instant::now();
@@ -68,17 +72,21 @@ fn run() -> Res<()> {
     }
     // The raw protocol first (it also waits for the guest to echo at all).
     let raw = raw_client(&sock)?;
-    let raw_stats = measure("socket client", |b| raw.round_trip(b))?;
+    let raw_b2b = measure("socket client", Duration::ZERO, |b| raw.round_trip(b))?;
+    let raw_paced = measure("socket client", PAUSE, |b| raw.round_trip(b))?;
     drop(raw);
     let cli = CliClient::start(&sock)?;
-    let cli_stats = measure("vmm-fleet console on a pty", |b| cli.round_trip(b))?;
+    let cli_b2b = measure("vmm-fleet console", Duration::ZERO, |b| cli.round_trip(b))?;
+    let cli_paced = measure("vmm-fleet console", PAUSE, |b| cli.round_trip(b))?;
     let mut cli = cli;
     cli.detach()?;
     println!();
     println!("{KEYSTROKES} keystrokes each (after {WARMUP} warm-up), one at a time:");
     for (what, s) in [
-        ("vmm-fleet console on a pty", cli_stats),
-        ("socket client (no CLI, no pty)", raw_stats),
+        ("vmm-fleet console, pty, paced", cli_paced),
+        ("vmm-fleet console, pty, b2b", cli_b2b),
+        ("socket client, paced", raw_paced),
+        ("socket client, b2b", raw_b2b),
     ] {
         println!(
             "  {what:32} median {:6.2} ms   p90 {:6.2} ms   min {:6.2} ms   max {:6.2} ms",
@@ -89,10 +97,12 @@ fn run() -> Res<()> {
     Ok(())
 }
 
-/// Times `KEYSTROKES` round trips of `f` (after `WARMUP` untimed ones).
-fn measure(what: &str, f: impl Fn(u8) -> Res<Duration>) -> Res<Stats> {
+/// Times `KEYSTROKES` round trips of `f` (after `WARMUP` untimed ones), each after
+/// `pause`.
+fn measure(what: &str, pause: Duration, f: impl Fn(u8) -> Res<Duration>) -> Res<Stats> {
     let mut v = Vec::with_capacity(KEYSTROKES);
     for i in 0..WARMUP + KEYSTROKES {
+        std::thread::sleep(pause);
         let key = b'a' + (i % 26) as u8;
         let d = f(key).map_err(|e| format!("{what}: keystroke {i}: {e}"))?;
         if i >= WARMUP {
