@@ -220,6 +220,66 @@ fn console_shows_the_guest_types_into_it_detaches_and_a_second_attach_only_watch
     next.assert_restored();
     assert_eq!(ro.detach().code(), Some(0));
     ro.assert_restored();
+    // SIGTERM to an attached client: it ends (128 + 15), the terminal put back.
+    let mut killed = Term::console(&sock, "echo");
+    killed.wait_for("Connected to echo (read-write)");
+    killed.wait_for("heartbeat");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(killed.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = common::wait_with_limit(&mut killed.child, LIMIT);
+    assert_eq!(st.code(), Some(128 + 15));
+    killed.assert_restored();
+    drop(killed);
+    // Stdin not a terminal: what it holds is typed, its end keeps the console shown.
+    let mut piped = Command::new(bin())
+        .args(["console", "--control"])
+        .arg(&sock)
+        .arg("echo")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = piped.stdin.take().unwrap();
+    input.write_all(b"from-a-pipe\r").unwrap();
+    drop(input);
+    let mut out = piped.stdout.take().unwrap();
+    let shown = Arc::new(Mutex::new(String::new()));
+    let sh = shown.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sh.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    assert!(wait_until(LIMIT, || shown
+        .lock()
+        .unwrap()
+        .contains("from-a-pipe")));
+    let beats = shown.lock().unwrap().matches("heartbeat").count();
+    assert!(
+        wait_until(LIMIT, || shown.lock().unwrap().matches("heartbeat").count()
+            > beats),
+        "the console stopped at the end of stdin"
+    );
+    assert!(piped.try_wait().unwrap().is_none());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(piped.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(
+        common::wait_with_limit(&mut piped, LIMIT).code(),
+        Some(128 + 15)
+    );
     // Nothing left behind in the supervisor: no fd, no thread.
     assert!(
         wait_until(LIMIT, || fds_and_threads(sup) == idle),
