@@ -41,6 +41,9 @@ use crate::protocol::{CONSOLE_CHUNK_MAX, ToChild};
 /// socket takes them); beyond this its client is too slow and loses bytes.
 pub const WATCHER_QUEUE_MAX: usize = 256 * 1024;
 
+/// Most clients attached to one VM's console at once (each may hold a full queue).
+pub const MAX_WATCHERS: usize = 32;
+
 /// Most bytes of console input read (and sent to the child) at once: one
 /// [`ToChild::Console`] message.
 pub const INPUT_CHUNK: usize = CONSOLE_CHUNK_MAX;
@@ -339,6 +342,11 @@ impl Consoles {
         });
         let mut vms = lock(&self.vms);
         let e = vms.entry(name.to_string()).or_default();
+        if e.watchers.len() >= MAX_WATCHERS {
+            return Err(format!(
+                "{MAX_WATCHERS} clients are attached to the console of {name} already"
+            ));
+        }
         let mode = if e.writer.is_none() {
             e.writer = Some(watcher.id);
             Mode::ReadWrite
@@ -828,6 +836,10 @@ mod tests {
         assert_eq!(d.mode, Mode::ReadWrite);
         assert_eq!(c.attach("vm").unwrap().mode, Mode::ReadOnly);
         assert_eq!(c.watchers("vm"), 2);
+        let more: Vec<_> = (2..MAX_WATCHERS).map(|_| c.attach("vm").unwrap()).collect();
+        let refused = c.attach("vm").err().unwrap();
+        assert!(refused.contains("32 clients are attached"), "{refused}");
+        drop(more);
         drop((b, d));
         assert_eq!(c.watchers("vm"), 0);
         assert!(lock(&c.vms).is_empty(), "nothing left behind");
