@@ -379,6 +379,13 @@ impl<S: Spawner> Supervisor<S> {
     /// `sender` by the loader threads this starts).
     pub fn run(&mut self, events: &Receiver<Event>, sender: &Sender<Event>) -> i32 {
         self.events = Some(sender.clone());
+        // Children this program did not spawn (handed over at a reexec) take console
+        // input too.
+        if let Some(o) = &self.output {
+            for (name, vm) in &self.vms {
+                o.consoles().set_channel(name, vm.channel.as_ref());
+            }
+        }
         self.start_all(Instant::now());
         self.publish();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
