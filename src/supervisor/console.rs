@@ -676,6 +676,10 @@ fn copy_to_end(file: &mut File, stream: &UnixStream, buf: &mut [u8]) -> io::Resu
 /// the connection. Without `follow`, a missing file is an error answer; with it, the
 /// file is waited for.
 pub fn serve_logs(stream: UnixStream, path: &Path, follow: bool) -> io::Result<()> {
+    // Blocking writes, as slow as the client reads (a timeout left by the request's
+    // reading would cut a client that pauses, as `less` does).
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(None)?;
     let mut tail = Tail { path, file: None };
     match tail.open() {
         Ok(()) => {}
