@@ -1087,6 +1087,25 @@ mod tests {
         );
         drop(sock);
         server.join().unwrap().unwrap();
+        // Followed before it exists (a VM not started yet): shown once it appears.
+        let later = d.join("later.console");
+        let (sock, theirs) = UnixStream::pair().unwrap();
+        let p = later.clone();
+        let server = std::thread::spawn(move || serve_logs(theirs, &p, true));
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        append(&later, "first words\n");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        assert!(wait_until(|| {
+            if let Ok(n) = (&sock).read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            got.ends_with(b"first words\n")
+        }));
+        assert!(got.starts_with(b"{\"version\":1,\"ok\":true}\n"));
+        drop(sock);
+        server.join().unwrap().unwrap();
         // A missing file without follow: one error line naming it.
         let (mut sock, theirs) = UnixStream::pair().unwrap();
         assert!(serve_logs(theirs, &d.join("none.console"), false).is_err());
