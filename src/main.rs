@@ -14,7 +14,6 @@ use vmm_fleet::control::{Command as Wire, cli};
 use vmm_fleet::metrics::exporter::{Exporter, FleetMetrics};
 use vmm_fleet::metrics::http::{AddressHandle, LogFn};
 use vmm_fleet::protocol::ExitCode;
-use vmm_fleet::supervisor::console::Consoles;
 use vmm_fleet::supervisor::control::ControlServer;
 use vmm_fleet::supervisor::output::OutputHub;
 use vmm_fleet::supervisor::spawn::ProcessSpawner;
@@ -103,22 +102,20 @@ enum Command {
     /// Attach to a VM's serial console: what the guest prints, live, and keystrokes
     /// into it (one writer at a time; others watch read-only). Ctrl-] detaches.
     Console {
-        /// The supervisor's control socket.
-        #[arg(long)]
-        control: Option<PathBuf>,
         /// The VM.
         name: String,
+        #[command(flatten)]
+        ctl: ControlArg,
     },
     /// Print a VM's console file; with -f, keep printing what the VM prints.
     Logs {
-        /// The supervisor's control socket.
-        #[arg(long)]
-        control: Option<PathBuf>,
+        /// The VM.
+        name: String,
         /// Follow: keep printing new output until interrupted.
         #[arg(short, long)]
         follow: bool,
-        /// The VM.
-        name: String,
+        #[command(flatten)]
+        ctl: ControlArg,
     },
     /// Run one VM from its YAML file until the guest stops or SIGTERM/SIGINT arrives.
     RunVm {
@@ -232,12 +229,14 @@ fn main() -> ProcessExit {
             ProcessExit::from(cmd_run_vm(&file, &child).code())
         }
         Command::Validate { dir, settings } => cmd_validate(&dir, settings),
-        Command::Console { control, name } => cmd_console(&control_path(control), &name),
-        Command::Logs {
-            control,
+        Command::Console { name, ctl } => {
+            cmd_console(&vmm_fleet::control::client_socket(ctl.control), &name)
+        }
+        Command::Logs { name, follow, ctl } => cmd_logs(
+            &vmm_fleet::control::client_socket(ctl.control),
+            &name,
             follow,
-            name,
-        } => cmd_logs(&control_path(control), &name, follow),
+        ),
         Command::Up {
             dir,
             settings,
@@ -256,15 +255,6 @@ fn main() -> ProcessExit {
         Command::Reload { ctl } => cli::reload(ctl.control),
         Command::Reexec { ctl } => cli::reexec(ctl.control),
     }
-}
-
-/// The control socket a client command uses: `--control PATH`, else
-/// `$RUNTIME_DIRECTORY/control.sock` (systemd), else /run/vmm-fleet/control.sock.
-fn control_path(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| {
-        std::env::var_os("RUNTIME_DIRECTORY").map(|d| PathBuf::from(d).join("control.sock"))
-    })
-    .unwrap_or_else(|| PathBuf::from("/run/vmm-fleet/control.sock"))
 }
 
 /// `console NAME`: 0 on detach (Ctrl-]), 1 on an error or when the supervisor closes the
@@ -399,7 +389,7 @@ fn cmd_up(
     let control_path = vmm_fleet::control::server_socket(control, &settings.log_dir);
     let control_log: vmm_fleet::supervisor::control::LogFn =
         Arc::new(|prio, msg| EventLog::default().line(prio, msg));
-    let consoles = Arc::new(Consoles::default());
+    let consoles = output.consoles().clone();
     let server = match ControlServer::start(&control_path, tx.clone(), consoles, control_log) {
         Ok(s) => s,
         Err(e) => {

@@ -4,10 +4,10 @@
 //! a panic), copies the terminal to the socket and the socket to the terminal, and
 //! detaches on Ctrl-] as `virsh console` does.
 
-use std::io::{self, IsTerminal, Read, Write};
+use std::io::{self, BufReader, IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,11 +16,10 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{self, OutputFlags, SetArg, Termios};
 
-/// The control protocol version this client speaks.
-pub const VERSION: u64 = 1;
+use super::{ClientError, Command, Request, connect};
 
 /// How long the client waits for the supervisor's answer line.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a keystroke may wait for the supervisor to take it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,40 +27,15 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// The detach key: Ctrl-] (as `virsh console`, `telnet`).
 pub const ESCAPE: u8 = 0x1d;
 
-/// Longest answer line accepted.
-const ANSWER_MAX: usize = 64 * 1024;
-
 /// Why a console or logs client stopped short.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The socket cannot be reached.
-    #[error("cannot connect to the control socket {}: {source}{hint}", path.display())]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        source: io::Error,
-        /// What to check.
-        hint: &'static str,
-    },
-    /// The supervisor refused the request (its one-line reason).
-    #[error("{0}")]
-    Refused(String),
-    /// The supervisor speaks another protocol version.
-    #[error(
-        "the supervisor speaks control protocol version {theirs}, this vmm-fleet speaks \
-         {VERSION}: use the vmm-fleet binary of the running supervisor"
-    )]
-    Version {
-        /// The supervisor's version.
-        theirs: String,
-    },
-    /// No answer in time.
-    #[error("no answer from the supervisor within {} s", ANSWER_TIMEOUT.as_secs())]
-    Timeout,
-    /// An answer that is not the protocol's.
-    #[error("the supervisor's answer is not understood: {0}")]
-    BadAnswer(String),
+pub enum ConsoleError {
+    /// The control socket, or the supervisor's answer.
+    #[error(transparent)]
+    Control(#[from] ClientError),
+    /// A console answer without its mode.
+    #[error("the supervisor's console answer has no mode (rw or ro)")]
+    NoMode,
     /// The terminal, the socket or a signal handler failed.
     #[error("{context}: {source}")]
     Io {
@@ -72,129 +46,52 @@ pub enum ClientError {
     },
 }
 
-fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ClientError {
-    move |source| ClientError::Io { context, source }
+fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> ConsoleError {
+    move |source| ConsoleError::Io { context, source }
 }
 
-/// Connects to the control socket at `path`.
-pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
-    UnixStream::connect(path).map_err(|source| {
-        let hint = match source.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                " (is `vmm-fleet up` running? --control names its socket)"
-            }
-            io::ErrorKind::PermissionDenied => {
-                " (run as root, the service's user or a member of the socket's group)"
-            }
-            _ => "",
-        };
-        ClientError::Connect {
-            path: path.to_path_buf(),
-            source,
-            hint,
-        }
-    })
-}
-
-/// Sends the request `{"version":1,"command":COMMAND,"vm":VM, EXTRA...}` and reads the
-/// answer line; returns it when it says `ok`.
-pub fn request(
-    stream: &UnixStream,
-    command: &str,
-    vm: &str,
-    extra: &[(&str, serde_json::Value)],
-) -> Result<serde_json::Map<String, serde_json::Value>, ClientError> {
-    let mut req = serde_json::Map::new();
-    req.insert("version".into(), VERSION.into());
-    req.insert("command".into(), command.into());
-    req.insert("vm".into(), vm.into());
-    for (k, v) in extra {
-        req.insert((*k).into(), v.clone());
-    }
-    let mut line = serde_json::Value::Object(req).to_string();
-    line.push('\n');
-    stream
-        .set_write_timeout(Some(ANSWER_TIMEOUT))
-        .and_then(|()| stream.set_read_timeout(Some(ANSWER_TIMEOUT)))
-        .map_err(io_err("setting the socket's timeouts"))?;
-    (&*stream)
-        .write_all(line.as_bytes())
-        .map_err(io_err("sending the request"))?;
-    let answer = read_line(stream)?;
+/// Sends `command`, reads the answer; returns it with the connection (no timeouts left
+/// on it) and the raw bytes that came with the answer line.
+fn open(
+    socket: &Path,
+    command: Command,
+) -> Result<(super::Response, UnixStream, Vec<u8>), ConsoleError> {
+    let (resp, reader): (_, BufReader<UnixStream>) =
+        connect(socket, &Request::new(command), ANSWER_TIMEOUT)?;
+    let early = reader.buffer().to_vec();
+    let stream = reader.into_inner();
     stream
         .set_read_timeout(None)
         .map_err(io_err("setting the socket's timeouts"))?;
-    parse_answer(&answer)
+    Ok((resp, stream, early))
 }
 
-/// Reads one line, byte by byte: what follows it is the raw stream, not to be buffered
-/// away here.
-fn read_line(stream: &UnixStream) -> Result<Vec<u8>, ClientError> {
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match (&*stream).read(&mut b) {
-            Ok(0) => {
-                return Err(ClientError::BadAnswer(if line.is_empty() {
-                    "the connection closed without an answer".into()
-                } else {
-                    "the connection closed in the middle of the answer".into()
-                }));
-            }
-            Ok(_) if b[0] == b'\n' => return Ok(line),
-            Ok(_) if line.len() >= ANSWER_MAX => {
-                return Err(ClientError::BadAnswer("answer line too long".into()));
-            }
-            Ok(_) => line.push(b[0]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(ClientError::Timeout);
-            }
-            Err(e) => return Err(io_err("reading the answer")(e)),
-        }
-    }
-}
-
-/// An answer line: its version checked first, then `ok`.
-fn parse_answer(line: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ClientError> {
-    let text = String::from_utf8_lossy(line);
-    let shown = || text.chars().take(200).collect::<String>();
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(line)
-    else {
-        return Err(ClientError::BadAnswer(shown()));
-    };
-    match map.get("version") {
-        Some(v) if v.as_u64() == Some(VERSION) => {}
-        Some(v) => {
-            return Err(ClientError::Version {
-                theirs: v.to_string(),
-            });
-        }
-        None => return Err(ClientError::BadAnswer(shown())),
-    }
-    match map.get("ok").and_then(serde_json::Value::as_bool) {
-        Some(true) => Ok(map),
-        Some(false) => Err(ClientError::Refused(
-            map.get("error")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("refused, without a reason")
-                .to_string(),
-        )),
-        None => Err(ClientError::BadAnswer(shown())),
+/// Writes `bytes` to `out` and flushes; a reader gone away is `Ok(false)`.
+fn show(out: &mut dyn Write, bytes: &[u8]) -> Result<bool, ConsoleError> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(io_err("writing the output")(e)),
     }
 }
 
 /// `vmm-fleet logs`: VM `vm`'s console file to `out`, then (with `follow`) what the VM
 /// prints, until the supervisor closes the connection or the process is ended. A
 /// reader that goes away (`| head`) ends it quietly.
-pub fn logs(socket: &Path, vm: &str, follow: bool, out: &mut dyn Write) -> Result<(), ClientError> {
-    let stream = connect(socket)?;
-    request(&stream, "logs", vm, &[("follow", follow.into())])?;
+pub fn logs(
+    socket: &Path,
+    vm: &str,
+    follow: bool,
+    out: &mut dyn Write,
+) -> Result<(), ConsoleError> {
+    let command = Command::Logs {
+        vm: vm.to_string(),
+        follow,
+    };
+    let (_, stream, early) = open(socket, command)?;
+    if !show(out, &early)? {
+        return Ok(());
+    }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match (&stream).read(&mut buf) {
@@ -203,10 +100,8 @@ pub fn logs(socket: &Path, vm: &str, follow: bool, out: &mut dyn Write) -> Resul
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_err("reading the log")(e)),
         };
-        match out.write_all(&buf[..n]).and_then(|()| out.flush()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-            Err(e) => return Err(io_err("writing the log")(e)),
+        if !show(out, &buf[..n])? {
+            return Ok(());
         }
     }
 }
@@ -310,17 +205,13 @@ impl Drop for Caught {
 
 /// `vmm-fleet console`: attaches to VM `vm`'s console through the control socket at
 /// `socket` until Ctrl-], the supervisor closing, or a signal.
-pub fn console(socket: &Path, vm: &str) -> Result<ConsoleEnd, ClientError> {
-    let stream = connect(socket)?;
-    let answer = request(&stream, "console", vm, &[])?;
-    let mode = match answer.get("mode").and_then(serde_json::Value::as_str) {
+pub fn console(socket: &Path, vm: &str) -> Result<ConsoleEnd, ConsoleError> {
+    let command = Command::Console { vm: vm.to_string() };
+    let (resp, stream, early) = open(socket, command)?;
+    let mode = match resp.mode.as_deref() {
         Some("rw") => "read-write",
         Some("ro") => "read-only: another client holds the console, keystrokes are discarded",
-        _ => {
-            return Err(ClientError::BadAnswer(
-                "a console answer without a mode".into(),
-            ));
-        }
+        _ => return Err(ConsoleError::NoMode),
     };
     stream
         .set_write_timeout(Some(SEND_TIMEOUT))
@@ -329,6 +220,7 @@ pub fn console(socket: &Path, vm: &str) -> Result<ConsoleEnd, ClientError> {
     eprintln!("Connected to {vm} ({mode}); escape character is ^]");
     let end = {
         let _raw = RawMode::enter().map_err(io_err("putting the terminal in raw mode"))?;
+        show(&mut io::stdout().lock(), &early)?;
         copy_loop(&stream, &caught)
     };
     if io::stdin().is_terminal() {
@@ -339,7 +231,7 @@ pub fn console(socket: &Path, vm: &str) -> Result<ConsoleEnd, ClientError> {
 }
 
 /// The session: stdin to the socket (up to Ctrl-]), the socket to stdout.
-fn copy_loop(stream: &UnixStream, caught: &Caught) -> Result<ConsoleEnd, ClientError> {
+fn copy_loop(stream: &UnixStream, caught: &Caught) -> Result<ConsoleEnd, ConsoleError> {
     let stdin = io::stdin();
     let mut stdin_open = true;
     let mut buf = vec![0u8; 64 * 1024];
@@ -370,10 +262,11 @@ fn copy_loop(stream: &UnixStream, caught: &Caught) -> Result<ConsoleEnd, ClientE
             match (&*stream).read(&mut buf) {
                 Ok(0) => return Ok(ConsoleEnd::Closed),
                 Ok(n) => {
-                    let mut out = io::stdout().lock();
-                    out.write_all(&buf[..n])
-                        .and_then(|()| out.flush())
-                        .map_err(io_err("writing to the terminal"))?;
+                    if !show(&mut io::stdout().lock(), &buf[..n])? {
+                        return Err(io_err("writing to the terminal")(
+                            io::ErrorKind::BrokenPipe.into(),
+                        ));
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
@@ -413,44 +306,5 @@ fn copy_loop(stream: &UnixStream, caught: &Caught) -> Result<ConsoleEnd, ClientE
                 return Ok(ConsoleEnd::Detached);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn answers_are_checked_version_first() {
-        let ok = parse_answer(br#"{"version":1,"ok":true,"mode":"rw"}"#).unwrap();
-        assert_eq!(ok["mode"], "rw");
-        let e = parse_answer(br#"{"version":1,"ok":false,"error":"unknown VM \"x\""}"#);
-        assert_eq!(e.unwrap_err().to_string(), "unknown VM \"x\"");
-        let e = parse_answer(br#"{"version":2,"ok":false,"error":"version 1 unknown"}"#);
-        let msg = e.unwrap_err().to_string();
-        assert!(
-            msg.contains("version 2") && msg.contains("speaks 1"),
-            "{msg}"
-        );
-        assert!(matches!(
-            parse_answer(b"HTTP/1.1 400 Bad Request"),
-            Err(ClientError::BadAnswer(_))
-        ));
-        assert!(matches!(
-            parse_answer(br#"{"ok":true}"#),
-            Err(ClientError::BadAnswer(_))
-        ));
-    }
-
-    #[test]
-    fn a_silent_server_is_a_timeout_and_a_missing_socket_names_itself() {
-        let (ours, _theirs) = UnixStream::pair().unwrap();
-        ours.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
-        assert!(matches!(read_line(&ours), Err(ClientError::Timeout)));
-        let e = connect(Path::new("/nonexistent/vmm-fleet.sock")).unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.contains("/nonexistent/vmm-fleet.sock"), "{msg}");
-        assert!(msg.contains("is `vmm-fleet up` running"), "{msg}");
     }
 }

@@ -35,6 +35,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{MsgFlags, send};
 
 use super::channel::ChildChannel;
+use crate::control::Response;
 use crate::protocol::{CONSOLE_CHUNK_MAX, ToChild};
 
 /// Bytes of console output a watcher may have waiting (sent to its client as the
@@ -54,9 +55,6 @@ pub const FOLLOW_POLL: Duration = Duration::from_millis(100);
 /// How long a closing session (the VM removed, the supervisor stopping) keeps trying to
 /// hand its client the last output and the reason.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-
-/// The control protocol's version, in the answer lines written here.
-const VERSION: u32 = 1;
 
 /// Where a VM's console keystrokes go: its current child (the control channel).
 pub trait ConsoleInput: Send + Sync {
@@ -418,19 +416,16 @@ fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The answer line `{"version":1,"ok":true, EXTRA}`.
-fn ok_line(extra: &str) -> String {
-    if extra.is_empty() {
-        format!("{{\"version\":{VERSION},\"ok\":true}}\n")
-    } else {
-        format!("{{\"version\":{VERSION},\"ok\":true,{extra}}}\n")
-    }
+/// The answer line `{"version":1,"ok":true}`, with `mode` for a console.
+fn ok_line(mode: Option<Mode>) -> String {
+    let mut r = Response::ok();
+    r.mode = mode.map(|m| m.as_str().to_string());
+    r.to_line()
 }
 
 /// The answer line `{"version":1,"ok":false,"error":ERROR}`.
 fn error_line(error: &str) -> String {
-    let error = serde_json::Value::String(error.to_string());
-    format!("{{\"version\":{VERSION},\"ok\":false,\"error\":{error}}}\n")
+    Response::error(error).to_line()
 }
 
 /// Serves a `console` request for VM `vm` on `stream` (its request line already read,
@@ -446,10 +441,7 @@ pub fn serve_console(stream: UnixStream, vm: &str, consoles: &Consoles) -> io::R
         }
     };
     let mode = att.mode;
-    send_all(
-        &stream,
-        ok_line(&format!("\"mode\":\"{}\"", mode.as_str())).as_bytes(),
-    )?;
+    send_all(&stream, ok_line(Some(mode)).as_bytes())?;
     let mut session = Session {
         stream: &stream,
         att: &att,
@@ -690,7 +682,7 @@ pub fn serve_logs(stream: UnixStream, path: &Path, follow: bool) -> io::Result<(
             return Err(io::Error::new(e.kind(), msg));
         }
     }
-    send_all(&stream, ok_line("").as_bytes())?;
+    send_all(&stream, ok_line(None).as_bytes())?;
     tail.catch_up(&stream)?;
     if !follow {
         return Ok(());
