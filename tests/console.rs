@@ -207,6 +207,25 @@ fn console_shows_the_guest_types_into_it_detaches_and_a_second_attach_only_watch
     assert!(!rw.screen().contains("ro-secret"), "{}", tail(&rw.screen()));
     assert!(!ro.screen().contains("ro-secret"), "{}", tail(&ro.screen()));
     assert!(!read(&file).contains("ro-secret"));
+    // The VM crashes and is restarted: the attached clients stay, see the new child's
+    // output, and the writer types into the new child.
+    let old = fleet.pid_of("echo");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(
+        wait_until(LIMIT, || fleet.starts("echo").len() >= 2),
+        "{}",
+        fleet.log()
+    );
+    // Both attached after the first child's "heartbeat 1": this one is the new child's.
+    rw.wait_for("heartbeat 1\r");
+    ro.wait_for("heartbeat 1\r");
+    rw.type_keys(b"after-restart\r");
+    rw.wait_for("after-restart");
+    ro.wait_for("after-restart");
     // Ctrl-] detaches: exit 0, the terminal as it was.
     let st = rw.detach();
     assert_eq!(st.code(), Some(0), "{}", tail(&rw.screen()));
