@@ -14,7 +14,6 @@ use vmm_fleet::control::{Command as Wire, cli};
 use vmm_fleet::metrics::exporter::{Exporter, FleetMetrics};
 use vmm_fleet::metrics::http::{AddressHandle, LogFn};
 use vmm_fleet::protocol::ExitCode;
-use vmm_fleet::supervisor::console::Consoles;
 use vmm_fleet::supervisor::control::ControlServer;
 use vmm_fleet::supervisor::output::OutputHub;
 use vmm_fleet::supervisor::reexec::{self, ReexecContext};
@@ -107,6 +106,24 @@ enum Command {
         /// Fleet settings file (default: DIR/fleet.yaml when it exists).
         #[arg(long)]
         settings: Option<PathBuf>,
+    },
+    /// Attach to a VM's serial console: what the guest prints, live, and keystrokes
+    /// into it (one writer at a time; others watch read-only). Ctrl-] detaches.
+    Console {
+        /// The VM.
+        name: String,
+        #[command(flatten)]
+        ctl: ControlArg,
+    },
+    /// Print a VM's console file; with -f, keep printing what the VM prints.
+    Logs {
+        /// The VM.
+        name: String,
+        /// Follow: keep printing new output until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        ctl: ControlArg,
     },
     /// Run one VM from its YAML file until the guest stops or SIGTERM/SIGINT arrives.
     RunVm {
@@ -234,6 +251,14 @@ fn main() -> ProcessExit {
             ProcessExit::from(cmd_run_vm(&file, &child).code())
         }
         Command::Validate { dir, settings } => cmd_validate(&dir, settings),
+        Command::Console { name, ctl } => {
+            cmd_console(&vmm_fleet::control::client_socket(ctl.control), &name)
+        }
+        Command::Logs { name, follow, ctl } => cmd_logs(
+            &vmm_fleet::control::client_socket(ctl.control),
+            &name,
+            follow,
+        ),
         Command::Up {
             dir,
             settings,
@@ -264,6 +289,35 @@ fn main() -> ProcessExit {
                 }
             }
             ProcessExit::SUCCESS
+        }
+    }
+}
+
+/// `console NAME`: 0 on detach (Ctrl-]), 1 on an error or when the supervisor closes the
+/// console, 128 + N on signal N.
+fn cmd_console(socket: &Path, name: &str) -> ProcessExit {
+    use vmm_fleet::control::console::{ConsoleEnd, console};
+    match console(socket, name) {
+        Ok(ConsoleEnd::Detached) => ProcessExit::SUCCESS,
+        Ok(ConsoleEnd::Closed) => {
+            eprintln!("vmm-fleet: the supervisor closed the console of {name}");
+            ProcessExit::FAILURE
+        }
+        Ok(ConsoleEnd::Signal(sig)) => ProcessExit::from(128u8.saturating_add(sig as u8)),
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}");
+            ProcessExit::FAILURE
+        }
+    }
+}
+
+/// `logs NAME [-f]`.
+fn cmd_logs(socket: &Path, name: &str, follow: bool) -> ProcessExit {
+    match vmm_fleet::control::console::logs(socket, name, follow, &mut std::io::stdout().lock()) {
+        Ok(()) => ProcessExit::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm-fleet: {e}");
+            ProcessExit::FAILURE
         }
     }
 }
@@ -338,7 +392,8 @@ fn cmd_up(
         }
     };
     let control_path = vmm_fleet::control::server_socket(control, &settings.log_dir);
-    let server = match ControlServer::start(&control_path, tx.clone(), consoles(), control_log()) {
+    let consoles = output.consoles().clone();
+    let server = match ControlServer::start(&control_path, tx.clone(), consoles, control_log()) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("vmm-fleet: {e}; nothing started");
@@ -360,10 +415,6 @@ fn cmd_up(
     drop(sup);
     server.remove();
     ProcessExit::from(code as u8)
-}
-
-fn consoles() -> Arc<Consoles> {
-    Arc::new(Consoles::default())
 }
 
 fn control_log() -> vmm_fleet::supervisor::control::LogFn {
@@ -477,7 +528,10 @@ fn cmd_resume(
     let fleet = FleetMetrics::new(&STATE_NAMES);
     let addr = metrics_address.unwrap_or(sup.settings().metrics_address);
     let exporter = start_exporter(addr, &fleet, resumed.metrics);
-    let output = match OutputHub::start_adopting(resumed.output) {
+    let output = match OutputHub::start_adopting(
+        resumed.output,
+        Arc::new(vmm_fleet::supervisor::console::Consoles::default()),
+    ) {
         Ok(o) => o,
         Err(e) => {
             // Its children keep running (their pipes fill, they block on output): the
@@ -490,10 +544,19 @@ fn cmd_resume(
     // The old program's listener (connections made during the exec wait in its backlog);
     // a new one if it could not be adopted.
     let server = match resumed.control {
-        Some(fd) => {
-            ControlServer::start_adopting(&control_path, fd, tx.clone(), consoles(), control_log())
-        }
-        None => ControlServer::start(&control_path, tx.clone(), consoles(), control_log()),
+        Some(fd) => ControlServer::start_adopting(
+            &control_path,
+            fd,
+            tx.clone(),
+            output.consoles().clone(),
+            control_log(),
+        ),
+        None => ControlServer::start(
+            &control_path,
+            tx.clone(),
+            output.consoles().clone(),
+            control_log(),
+        ),
     };
     let server = match server {
         Ok(s) => Some(Arc::new(s)),

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod cli;
+pub mod console;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;

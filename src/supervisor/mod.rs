@@ -423,6 +423,13 @@ impl<S: Spawner> Supervisor<S> {
     /// reaps the children that died during the exec and carries on.
     pub fn run(&mut self, events: &Receiver<Event>, sender: &Sender<Event>) -> i32 {
         self.events = Some(sender.clone());
+        // Children this program did not spawn (handed over at a reexec) take console
+        // input too.
+        if let Some(o) = &self.output {
+            for (name, vm) in &self.vms {
+                o.consoles().set_channel(name, vm.channel.as_ref());
+            }
+        }
         match self.resumed.take() {
             None => self.start_all(Instant::now()),
             Some(r) => {
@@ -581,6 +588,9 @@ impl<S: Spawner> Supervisor<S> {
                 Action::Spawn => next = self.spawn(name, now),
                 Action::Forget => {
                     self.vms.remove(name);
+                    if let Some(o) = &self.output {
+                        o.consoles().remove(name);
+                    }
                 }
             }
         }
@@ -679,6 +689,9 @@ impl<S: Spawner> Supervisor<S> {
                 vm.start_unix = unix_now();
                 let channel = child.channel.is_some();
                 vm.channel = child.channel;
+                if let Some(o) = &self.output {
+                    o.consoles().set_channel(name, vm.channel.as_ref());
+                }
                 machine::Event::Spawned {
                     pid: child.pid,
                     channel,
@@ -724,6 +737,9 @@ impl<S: Spawner> Supervisor<S> {
                 if let Some(vm) = self.vms.get_mut(&name) {
                     vm.start_unix = unix_now();
                     vm.channel = child.channel;
+                    if let Some(o) = &self.output {
+                        o.consoles().set_channel(&name, vm.channel.as_ref());
+                    }
                 }
                 self.dispatch(&name, machine::Event::Spawned { pid, channel }, now);
                 if let Some(how) = self.parked.remove(&pid) {
@@ -812,6 +828,9 @@ impl<S: Spawner> Supervisor<S> {
         if let Some(name) = name {
             if let Some(vm) = self.vms.get_mut(&name) {
                 vm.channel = None;
+            }
+            if let Some(o) = &self.output {
+                o.consoles().set_channel(&name, None);
             }
             let oom = self.cgroups.exited(&name, now);
             self.dispatch(&name, machine::Event::Exited { how, oom }, now);

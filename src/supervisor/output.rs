@@ -14,6 +14,8 @@
 //!   through, with a burst of [`BURST_SECONDS`] of it; bytes beyond are read and dropped,
 //!   and counted in the VM's dropped-bytes counter (exported as
 //!   `vmm_fleet_console_dropped_bytes_total{vm}`).
+//! - Each console chunk that passes the rate limit also goes to the VM's console watchers
+//!   ([`Consoles::publish`]: bounded queues, never blocking this thread).
 //! - Files are opened `O_NOFOLLOW | O_CLOEXEC | O_APPEND | O_CREAT`, mode 0640, and must be
 //!   regular files; the log directory is created mode 0750 and refused when others may
 //!   write it (see [`check_log_dir`]).
@@ -38,6 +40,7 @@ use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::EventLog;
+use super::console::Consoles;
 use crate::config::files::{KERNEL_INTERFACE, NotRegular, check_log_dir, open_append_file};
 use crate::config::{ConsoleSpec, FleetSettings, VmSpec};
 
@@ -346,19 +349,23 @@ pub struct OutputHub {
     wake: File,
     thread: Option<JoinHandle<()>>,
     dropped: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    consoles: Arc<Consoles>,
 }
 
 impl OutputHub {
     /// Starts the output thread.
     pub fn start() -> io::Result<Self> {
-        Self::start_adopting(HeldOutput::default())
+        Self::start_adopting(HeldOutput::default(), Arc::new(Consoles::default()))
     }
 
     /// Starts the output thread with what the program this one replaced handed over
     /// (reexec): its files are opened again (appending), its pipes read from here on.
     /// A VM whose files cannot be opened is logged; its pipes are still read (and what
     /// comes through them counted as dropped), so its child never blocks on a full pipe.
-    pub fn start_adopting(held: HeldOutput) -> io::Result<Self> {
+    ///
+    /// `consoles` is the registry of console watchers the thread feeds: the same one
+    /// across a failed exec, so the control socket's attached clients keep theirs.
+    pub fn start_adopting(held: HeldOutput, consoles: Arc<Consoles>) -> io::Result<Self> {
         let flags = OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
         let (their_wake, wake) = nix::unistd::pipe2(flags).map_err(io::Error::from)?;
         let (their_wake, wake) = (File::from(their_wake), File::from(wake));
@@ -367,7 +374,7 @@ impl OutputHub {
             .iter()
             .map(|(n, v)| (n.clone(), Arc::new(AtomicU64::new(*v))))
             .collect();
-        let mut worker = Worker::new(their_wake, channel().1);
+        let mut worker = Worker::new(their_wake, channel().1, consoles.clone());
         worker.adopt(held, &dropped);
         let (tx, rx) = channel();
         worker.rx = rx;
@@ -379,7 +386,14 @@ impl OutputHub {
             wake,
             thread: Some(thread),
             dropped: Mutex::new(dropped),
+            consoles,
         })
+    }
+
+    /// The console watchers this thread feeds (for the control socket's `console`, and
+    /// for the event loop, which tells it each VM's current child).
+    pub fn consoles(&self) -> &Arc<Consoles> {
+        &self.consoles
     }
 
     /// Stops the thread without reading the pipes any further and gives back every
@@ -548,10 +562,11 @@ struct Worker {
     streams: Vec<Stream>,
     log: EventLog,
     buf: Vec<u8>,
+    consoles: Arc<Consoles>,
 }
 
 impl Worker {
-    fn new(wake: File, rx: Receiver<Cmd>) -> Self {
+    fn new(wake: File, rx: Receiver<Cmd>, consoles: Arc<Consoles>) -> Self {
         Worker {
             wake,
             rx,
@@ -559,6 +574,7 @@ impl Worker {
             streams: Vec::new(),
             log: EventLog::default(),
             buf: vec![0; CHUNK],
+            consoles,
         }
     }
 
@@ -769,6 +785,7 @@ impl Worker {
             vms,
             log,
             buf,
+            consoles,
             ..
         } = self;
         let Some(s) = streams.get_mut(i) else {
@@ -805,6 +822,9 @@ impl Worker {
             }
         }
         if ok > 0 {
+            if let Kind::Console = kind {
+                consoles.publish(name, &buf[..ok]);
+            }
             let sink = match kind {
                 Kind::Console => &mut vm.console,
                 Kind::Log => &mut vm.log,
@@ -1006,7 +1026,7 @@ mod tests {
         out.write_all(b"during ").unwrap();
         err.write_all(b"log line\n").unwrap();
         assert!(hub.hand_over().is_err(), "the old thread is gone");
-        let next = OutputHub::start_adopting(held).unwrap();
+        let next = OutputHub::start_adopting(held, Arc::new(Consoles::default())).unwrap();
         out.write_all(b"after").unwrap();
         assert!(seen("before during after"));
         assert_eq!(next.dropped_counter("h").load(Ordering::Relaxed), 7);
@@ -1059,6 +1079,75 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o750
         );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn console_watchers_see_the_output_and_a_stalled_one_slows_nothing() {
+        use std::os::unix::net::UnixStream;
+        let d = scratch("tap");
+        let hub = OutputHub::start().unwrap();
+        let mut spec = crate::config::VmSpec::from_yaml(
+            "name: t\nvcpus: 1\nmemory_mib: 32\nkernel: builtin\n",
+            &d.join("t.yaml"),
+        )
+        .unwrap();
+        spec.console = ConsoleSpec::Stdout;
+        let limits = Limits {
+            max_bytes: 64 << 20,
+            rate_bytes_per_s: 1 << 30,
+        };
+        let attach = |name: &'static str| {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let consoles = hub.consoles().clone();
+            let t = std::thread::spawn(move || {
+                super::super::console::serve_console(theirs, name, &consoles)
+            });
+            (ours, t)
+        };
+        // One client reads, one never does.
+        let (reader, reader_thread) = attach("t");
+        let (stalled, stalled_thread) = attach("t");
+        let consoles = hub.consoles().clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while consoles.watchers("t") < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut p = hub.prepare(&d.join("logs"), &spec, limits).unwrap();
+        let mut out = File::from(p.child_stdout().unwrap());
+        drop(p.child_stderr());
+        p.attach().unwrap();
+        let reading = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = (&reader).read_to_end(&mut all);
+            all
+        });
+        // 8 MiB: far more than the stalled client's queue and socket buffer.
+        let total = 8usize << 20;
+        for _ in 0..total / 65536 {
+            out.write_all(&[b'z'; 65536]).unwrap();
+        }
+        let file = d.join("logs/t.console");
+        let size = || std::fs::metadata(&file).map_or(0, |m| m.len());
+        while size() < total as u64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(size(), total as u64, "the file got every byte");
+        // The reader has had time to catch up; the last line reaches it.
+        out.write_all(b"END").unwrap();
+        while size() < total as u64 + 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        consoles.close_all("test over");
+        let seen = reading.join().unwrap();
+        assert!(String::from_utf8_lossy(&seen[seen.len().saturating_sub(200)..]).contains("END"));
+        let fast = reader_thread.join().unwrap().unwrap();
+        drop(stalled);
+        let slow = stalled_thread.join().unwrap().unwrap();
+        assert!(slow.dropped > 0, "the stalled watcher lost bytes");
+        assert_eq!(fast.mode, super::super::console::Mode::ReadWrite);
+        drop(out);
+        drop(hub);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

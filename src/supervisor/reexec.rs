@@ -670,7 +670,13 @@ impl<S: Spawner> Supervisor<S> {
         }
         drop(taken.copies);
         if let Some(held) = taken.output {
-            match OutputHub::start_adopting(held) {
+            // The same console registry: the control socket's clients keep theirs.
+            let consoles = self
+                .output
+                .as_ref()
+                .map(|o| o.consoles().clone())
+                .unwrap_or_default();
+            match OutputHub::start_adopting(held, consoles) {
                 Ok(hub) => self.output = Some(Arc::new(hub)),
                 Err(e) => self.log.line(
                     3,
