@@ -1105,11 +1105,14 @@ mod tests {
             });
             (ours, t)
         };
-        // One client reads, one never does.
-        let (reader, reader_thread) = attach("t");
-        let (stalled, stalled_thread) = attach("t");
+        // One client reads (the writer: attached first), one never does.
         let consoles = hub.consoles().clone();
         let deadline = Instant::now() + Duration::from_secs(20);
+        let (reader, reader_thread) = attach("t");
+        while !consoles.has_writer("t") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (stalled, stalled_thread) = attach("t");
         while consoles.watchers("t") < 2 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
