@@ -19,7 +19,7 @@ kernel: builtin
 builtin:
   then: poweroff
 YAML
-setsid "$bin" run-vm "$dir/canary.yaml" >"$dir/console" 2>"$dir/log" </dev/null &
+"$bin" run-vm "$dir/canary.yaml" >"$dir/console" 2>"$dir/log" </dev/null &
 pid=$!
 for _ in $(seq 600); do
   state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo gone)
