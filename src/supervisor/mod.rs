@@ -1039,7 +1039,12 @@ impl<S: Spawner> Supervisor<S> {
             last_exit_status: m.last_exit().map(|e| e.status_number()),
             vcpus: m.spec().vcpus,
             memory_mib: m.spec().memory_mib,
-            console_file: output::log_files(&self.settings.log_dir, name).0,
+            // Where the output thread writes it (`OutputHub::prepare`): the spec's own
+            // file if it names one, else LOG_DIR/NAME.console.
+            console_file: match &m.spec().console {
+                crate::config::ConsoleSpec::File(path) => path.clone(),
+                _ => output::log_files(&self.settings.log_dir, name).0,
+            },
         }
     }
 

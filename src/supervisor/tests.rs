@@ -795,3 +795,33 @@ fn reset_failed_and_reload_through_the_control_handler() {
         Some("reexec refused: reexec is not available here (no binary path)")
     );
 }
+
+#[test]
+fn status_and_logs_name_the_console_file_a_vm_spec_gives() {
+    // `console: FILE` is what the output thread writes (OutputHub::prepare); `logs NAME`
+    // reads the file the answer names, so it must be that one, not LOG_DIR/NAME.console.
+    let mut own = spec("b", 16);
+    own.console = crate::config::ConsoleSpec::File("/nonexistent/log/sub/b.txt".into());
+    let mut h = Harness::new(vec![spec("a", 16), own]);
+    h.start(0);
+    let file = |h: &mut Harness, cmd| h.ask(cmd, 100).vms.unwrap()[0].console_file.clone();
+    let logs = |vm: &str| WireCommand::Logs {
+        vm: vm.into(),
+        follow: false,
+    };
+    assert_eq!(
+        file(&mut h, logs("a")),
+        Path::new("/nonexistent/log/a.console")
+    );
+    assert_eq!(
+        file(&mut h, logs("b")),
+        Path::new("/nonexistent/log/sub/b.txt")
+    );
+    let status = WireCommand::Status {
+        vm: Some("b".into()),
+    };
+    assert_eq!(
+        file(&mut h, status),
+        Path::new("/nonexistent/log/sub/b.txt")
+    );
+}
