@@ -544,8 +544,10 @@ fn cmd_resume(
     // The old program's listener (connections made during the exec wait in its backlog);
     // a new one if it could not be adopted.
     let server = match resumed.control {
-        Some(fd) => ControlServer::start_adopting(
-            &control_path,
+        // Served at the path it is bound to (where clients reach it, and what is removed
+        // at exit), whatever the settings say the default is now.
+        Some((fd, bound)) => ControlServer::start_adopting(
+            &bound,
             fd,
             tx.clone(),
             output.consoles().clone(),

@@ -745,8 +745,9 @@ pub struct ResumedMetrics {
 pub struct Resumed {
     /// The exporter's listening socket and marks.
     pub metrics: Option<ResumedMetrics>,
-    /// The control socket's listener.
-    pub control: Option<OwnedFd>,
+    /// The control socket's listener, and the path it is bound to (the old program's:
+    /// a reload may have moved the log directory, and with it the default path, since).
+    pub control: Option<(OwnedFd, PathBuf)>,
     /// The output thread's state.
     pub output: HeldOutput,
     /// Lines to log once logging is set up.
@@ -855,7 +856,10 @@ impl<S: Spawner> Supervisor<S> {
             Some((fd, l.wanted.parse().ok()))
         };
         let metrics = listener(doc.metrics, "metrics listener");
-        let control = listener(doc.control, "control listener").and_then(|(fd, _)| fd);
+        let control_path = doc.control.as_ref().map(|l| PathBuf::from(&l.wanted));
+        let control = listener(doc.control, "control listener")
+            .and_then(|(fd, _)| fd)
+            .zip(control_path);
         let (listener, wanted) = metrics.unwrap_or((None, None));
         let metrics = Some(ResumedMetrics {
             listener,
@@ -1179,6 +1183,75 @@ mod tests {
             };
             assert!(expect, "{what}: {:?}", same.state());
         }
+    }
+
+    #[test]
+    fn the_control_listener_is_served_at_the_path_it_is_bound_to() {
+        // The old program bound LOG_DIR/control.sock at `up`; a reload then moved
+        // log_dir. The new program must serve (and at exit remove) the socket where it
+        // is, not the default its settings give now: ControlServer::start_adopting at
+        // the new default fails its stat, the listener is dropped, and the fleet runs
+        // on without a control socket.
+        use std::os::fd::IntoRawFd;
+        let dir = std::env::temp_dir().join(format!("vmm-fleet-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bound = dir.join("old-logs-control.sock");
+        let _ = std::fs::remove_file(&bound);
+        let fd = std::os::unix::net::UnixListener::bind(&bound)
+            .unwrap()
+            .into_raw_fd();
+        let moved = dir.join("new-logs");
+        let doc = Document {
+            format: handover::FORMAT,
+            written_by: "test".into(),
+            exe: "/nonexistent/vmm-fleet".into(),
+            args: Vec::new(),
+            source: SourceDoc {
+                dir: "/nonexistent".into(),
+                settings: None,
+                default_log_dir: moved.clone(),
+                host_memory_mib: None,
+            },
+            settings: FleetSettings::defaults(moved.clone()),
+            vms: Vec::new(),
+            strays: Vec::new(),
+            reload_pending: false,
+            pending_signals: Vec::new(),
+            tickets: 0,
+            cgroups: None,
+            output: None,
+            marks: None,
+            metrics: None,
+            control: Some(HeldListener {
+                fd,
+                wanted: bound.display().to_string(),
+            }),
+            started_unix: None,
+            reexecs: 0,
+        };
+        let spawner = super::super::spawn::ProcessSpawner::new("/nonexistent".into());
+        let (sup, resumed) = Supervisor::resume(doc, spawner, EventLog::default());
+        let (listener, path) = resumed.control.expect("the control listener adopted");
+        assert_eq!(listener.as_raw_fd(), fd);
+        assert_eq!(path, bound);
+        assert_ne!(
+            crate::control::server_socket(None, &sup.settings().log_dir),
+            bound,
+            "the settings' default moved"
+        );
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let server = super::super::control::ControlServer::start_adopting(
+            &path,
+            listener,
+            tx,
+            Arc::new(super::super::console::Consoles::default()),
+            Arc::new(|_, _| {}),
+        )
+        .expect("served where it is bound");
+        assert_eq!(server.path(), bound);
+        server.remove();
+        assert!(!bound.exists(), "removed at exit: the socket file itself");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
