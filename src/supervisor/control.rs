@@ -164,6 +164,7 @@ impl ControlServer {
             gid,
             uid: nix::unistd::geteuid().as_raw(),
             active: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -182,9 +183,15 @@ impl ControlServer {
         self.listener.as_ref()?.try_clone().ok()
     }
 
-    /// Connections being served now (a reexec waits for them to be answered).
+    /// Connections being served now (a reexec waits for them to be answered), not
+    /// counting `console` and `logs` sessions past their answer: those last until their
+    /// client leaves, and the exec cuts them.
     pub fn busy(&self) -> usize {
-        self.shared.active.load(Ordering::SeqCst)
+        let sessions = self.shared.sessions.load(Ordering::SeqCst);
+        self.shared
+            .active
+            .load(Ordering::SeqCst)
+            .saturating_sub(sessions)
     }
 
     /// The socket's path.
@@ -241,6 +248,9 @@ struct Shared {
     /// The service's user.
     uid: u32,
     active: AtomicUsize,
+    /// Of `active`, the `console` / `logs` sessions (answered, open until the client
+    /// leaves).
+    sessions: AtomicUsize,
 }
 
 /// Counts a connection while it is served.
@@ -412,6 +422,14 @@ fn serve(stream: UnixStream, shared: &Shared) {
     };
     (shared.log)(6, &format!("control: uid {uid} (pid {pid}): {what}"));
     let resp = ask_loop(shared, cmd.clone(), uid);
+    let _session = matches!(
+        (&cmd, resp.ok),
+        (Command::Console { .. } | Command::Logs { .. }, true)
+    )
+    .then(|| {
+        shared.sessions.fetch_add(1, Ordering::SeqCst);
+        Slot(&shared.sessions)
+    });
     match (&cmd, resp.ok) {
         (Command::Console { vm }, true) => {
             let _ = stream.set_read_timeout(None);
@@ -472,6 +490,51 @@ mod tests {
             assert!(authorized(4242, 4242, me, 1000, g), "a supplementary group");
         }
         assert!(!authorized(65534, 65534, me, 1000, 999_999), "outsider");
+    }
+
+    #[test]
+    fn an_open_console_session_does_not_hold_a_reexec_back() {
+        // A reexec waits (up to DRAIN_LIMIT, with the event loop stalled) until busy()
+        // is 0, so that answers already given are written out. A console or `logs -f`
+        // client stays connected until it leaves: counted there, every reexec with one
+        // attached waited the whole limit.
+        use crate::control::Request;
+        let dir = std::env::temp_dir().join(format!("vmm-fleet-ctl-busy-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let (tx, rx) = mpsc::channel();
+        let consoles = Arc::new(Consoles::default());
+        let server =
+            ControlServer::start(&path, tx, consoles.clone(), Arc::new(|_, _| {})).unwrap();
+        // The event loop: every request is answered ok.
+        std::thread::spawn(move || {
+            for ev in rx {
+                if let Event::Control(req) = ev {
+                    let _ = req.reply.send(Response::ok());
+                }
+            }
+        });
+        let mut client = UnixStream::connect(&path).unwrap();
+        let line =
+            serde_json::to_string(&Request::new(Command::Console { vm: "a".into() })).unwrap();
+        client.write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        BufReader::new(&client).read_line(&mut answer).unwrap();
+        assert!(answer.contains("\"ok\":true"), "{answer}");
+        assert_eq!(consoles.watchers("a"), 1, "attached");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.busy() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            server.busy(),
+            0,
+            "an attached console is not a request in flight"
+        );
+        assert_eq!(consoles.watchers("a"), 1, "and it is still attached");
+        drop(client);
+        server.remove();
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
