@@ -282,6 +282,10 @@ pub struct Document {
     reexecs: u64,
 }
 
+/// A reload's load, as the loader thread sends it.
+type LoadResult =
+    Box<Result<(FleetSettings, Vec<crate::config::VmSpec>), crate::config::ConfigError>>;
+
 /// What was taken apart for the handover, to put back should the exec fail.
 struct Taken {
     output: Option<HeldOutput>,
@@ -362,6 +366,11 @@ impl<S: Spawner> Supervisor<S> {
 
     fn reexec_now(&mut self, events: &Receiver<Event>) -> Result<(), ReexecError> {
         let exe = self.preflight()?;
+        self.exec_checked(exe, events)
+    }
+
+    /// [`Supervisor::reexec_now`] once `exe` has passed the preflight.
+    fn exec_checked(&mut self, exe: PathBuf, events: &Receiver<Event>) -> Result<(), ReexecError> {
         self.log.line(
             6,
             &format!("reexec: handing the fleet over to {}", exe.display()),
@@ -390,7 +399,11 @@ impl<S: Spawner> Supervisor<S> {
                 .line(4, "reexec: the signal thread did not stop in time");
         }
         let mut pending_signals = Vec::new();
-        self.take_queued(events, &mut pending_signals);
+        // A reload's result taken off the channel: the new program loads again; if the
+        // exec does not happen, it is applied here (else the reload stays `Loading` with
+        // no loader left, and every later SIGHUP or `reload` is queued behind it forever).
+        let mut loaded = None;
+        self.take_queued(events, &mut pending_signals, &mut loaded);
         // Control answers already given (the `reexec` request's own) are written out
         // before the exec ends their threads; requests that come meanwhile are told to
         // ask again; a console session still open is cut.
@@ -398,13 +411,16 @@ impl<S: Spawner> Supervisor<S> {
             let deadline = Instant::now() + DRAIN_LIMIT;
             while c.busy() > 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
-                self.take_queued(events, &mut pending_signals);
+                self.take_queued(events, &mut pending_signals, &mut loaded);
             }
         }
         if self.in_flight > 0 {
             // Something queued asked for a spawn: not now.
             let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
             self.restart_signal_thread();
+            if let Some(l) = loaded {
+                self.on_loaded(*l);
+            }
             for s in pending_signals {
                 self.on_signal(s);
             }
@@ -415,11 +431,18 @@ impl<S: Spawner> Supervisor<S> {
             inherited: Vec::new(),
             copies: Vec::new(),
         };
-        let result = self.hand_over_and_exec(&exe, pending_signals, &mut taken);
-        // Only a failure comes back here.
+        let result = self.hand_over_and_exec(&exe, pending_signals.clone(), &mut taken);
+        // Only a failure comes back here: what was taken off the channel for the new
+        // program is this one's again (a SIGTERM of a `systemctl stop` included).
         self.restore(taken);
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
         self.restart_signal_thread();
+        if let Some(l) = loaded {
+            self.on_loaded(*l);
+        }
+        for s in pending_signals {
+            self.on_signal(s);
+        }
         result
     }
 
@@ -446,13 +469,26 @@ impl<S: Spawner> Supervisor<S> {
     }
 
     /// What is queued on the event channel just before the exec: signals kept for the
-    /// new program, a reload's result dropped (the new program loads again), control
-    /// requests told to ask again, the rest handled.
-    fn take_queued(&mut self, events: &Receiver<Event>, signals: &mut Vec<i32>) {
+    /// new program, a reload's result kept in `loaded` (the new program loads again;
+    /// this one applies it if the exec does not happen), control requests told to ask
+    /// again, the rest handled.
+    fn take_queued(
+        &mut self,
+        events: &Receiver<Event>,
+        signals: &mut Vec<i32>,
+        loaded: &mut Option<LoadResult>,
+    ) {
         for ev in events.try_iter() {
             match ev {
                 Event::Signal(s) => signals.push(s),
-                Event::Loaded(_) => self.reload = super::ReloadState::Loading,
+                Event::Loaded(l) => {
+                    // Still under way for the document (`reload_pending`); a SIGHUP
+                    // queued behind it (`LoadingAndAgain`) is kept.
+                    if self.reload == super::ReloadState::Idle {
+                        self.reload = super::ReloadState::Loading;
+                    }
+                    *loaded = Some(l);
+                }
                 Event::Control(req) => {
                     let _ = req.reply.try_send(crate::control::Response::error(
                         "a reexec is under way: ask again in a moment",
@@ -1252,6 +1288,62 @@ mod tests {
         server.remove();
         assert!(!bound.exists(), "removed at exit: the socket file itself");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_exec_gives_back_the_signals_and_the_reload_it_took_off_the_channel() {
+        // Just before the exec, what is queued is taken off the event channel for the new
+        // program: signals (into the document) and a finished reload's result (dropped:
+        // the new program loads again). When the exec fails the old program carries on,
+        // and must have them back: a SIGTERM (`systemctl stop` during an upgrade) was
+        // lost, and the reload stayed `Loading` with no loader thread left, so every
+        // later SIGHUP and `vmm-fleet reload` queued behind it and none ever ran.
+        let log_dir = std::path::PathBuf::from("/nonexistent/log");
+        let source = FleetSource {
+            dir: "/nonexistent".into(),
+            settings: None,
+            default_log_dir: log_dir.clone(),
+            host_memory_mib: None,
+        };
+        let spawner = super::super::spawn::ProcessSpawner::new("/nonexistent".into());
+        let settings = FleetSettings::defaults(log_dir.clone());
+        let mut sup = Supervisor::new(
+            source,
+            settings.clone(),
+            Vec::new(),
+            spawner,
+            EventLog::default(),
+        )
+        .with_reexec(ReexecContext {
+            exe: "/nonexistent/vmm-fleet".into(),
+            args: Vec::new(),
+            exporter: None,
+            control: None,
+            signals: None,
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        sup.events = Some(tx.clone());
+        // A reload under way, a reload request waiting for it; its result and a SIGTERM
+        // are queued when the reexec begins.
+        sup.reload = super::super::ReloadState::Loading;
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        sup.reload_waiters.push(reply);
+        tx.send(Event::Loaded(Box::new(Ok((settings, Vec::new())))))
+            .unwrap();
+        tx.send(Event::Signal(libc::SIGTERM)).unwrap();
+        let r = sup.exec_checked("/nonexistent/vmm-fleet".into(), &rx);
+        assert!(matches!(r, Err(ReexecError::Exec { .. })), "{r:?}");
+        assert_eq!(
+            sup.reload,
+            super::super::ReloadState::Idle,
+            "the load applied"
+        );
+        let a = answer.try_recv().expect("the reload request answered");
+        assert!(a.ok, "{a:?}");
+        assert!(
+            sup.stopping,
+            "the SIGTERM taken for the new program is handled"
+        );
     }
 
     #[test]
