@@ -587,6 +587,12 @@ impl Machine {
                 self.state = State::Running { pid };
                 vec![log(4, format!("cannot pause: {error}; still running"))]
             }
+            // The only message a running machine sends is the Resume that made it
+            // running: it did not arrive, so the child's vCPUs are still parked.
+            State::Running { pid } => {
+                self.state = State::Paused { pid };
+                vec![log(4, format!("cannot resume: {error}; still paused"))]
+            }
             _ => vec![log(4, format!("control channel: {error}"))],
         }
     }
@@ -1835,6 +1841,26 @@ mod tests {
         ));
         assert_eq!(got, ["<4>cannot pause: gone; still running"]);
         assert_eq!(m.vm_state(), Running);
+        // A resume that could not be sent leaves it paused (and `resume` may be tried
+        // again), instead of a machine that says running over parked vCPUs.
+        let mut m = running_with_channel(t0);
+        command(&mut m, t0, 1000, Command::Pause);
+        assert_eq!(
+            command(&mut m, t0, 1001, Command::Resume),
+            ["send Resume", "<6>resumed"]
+        );
+        let got = show(&m.on_event(
+            Event::SendFailed {
+                error: "full".into(),
+            },
+            t0,
+        ));
+        assert_eq!(got, ["<4>cannot resume: full; still paused"]);
+        assert_eq!(m.vm_state(), Paused);
+        assert_eq!(
+            command(&mut m, t0, 1002, Command::Resume),
+            ["send Resume", "<6>resumed"]
+        );
     }
 
     #[test]
