@@ -34,7 +34,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 
-use common::{Res, TempDir, VMM, alive, kvm_unavailable, ms, status_kib};
+use common::{Res, TempDir, VMM, alive, children, contains, kvm_unavailable, ms, status_kib};
 
 const HEARTBEAT_MS: u32 = 1000;
 const MEMORY_MIB: u64 = 16;
@@ -81,10 +81,6 @@ fn mem_available_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn contains(p: &Path, needle: &[u8]) -> bool {
-    fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
 }
 
 /// Seconds from `t0` until every file holds `needle` (polled), or an error after `limit`.
@@ -128,20 +124,6 @@ fn run_time_s(pid: u32) -> f64 {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .map(|ns| ns as f64 / 1e9)
         .sum()
-}
-
-/// Pids of the live children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        if let Ok(s) = fs::read_to_string(t.path().join("children")) {
-            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-    }
-    out
 }
 
 fn one_run(bin: &str, n: usize) -> Res<()> {

@@ -18,11 +18,10 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +32,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use std::os::unix::process::CommandExt;
 
-use common::{Res, TempDir, VMM, alive, kvm_unavailable, ms};
+use common::{Res, TempDir, VMM, alive, children, contains, kvm_unavailable, ms};
 
 fn main() {
     if let Some(why) = kvm_unavailable() {
@@ -53,10 +52,6 @@ fn main() {
     }
 }
 
-fn contains(p: &Path, needle: &[u8]) -> bool {
-    fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-}
-
 fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Res<()> {
     let t = Instant::now();
     while !f() {
@@ -66,20 +61,6 @@ fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Res<()> {
         thread::sleep(Duration::from_millis(5));
     }
     Ok(())
-}
-
-/// Pids of the live children of `pid`.
-fn children(pid: u32) -> BTreeSet<u32> {
-    let mut out = BTreeSet::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        if let Ok(s) = fs::read_to_string(t.path().join("children")) {
-            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-    }
-    out
 }
 
 fn scrape(addr: SocketAddr) -> bool {

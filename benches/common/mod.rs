@@ -593,3 +593,22 @@ impl Table {
         }
     }
 }
+
+/// Whether file `p` holds `needle` (false if it cannot be read).
+pub fn contains(p: &std::path::Path, needle: &[u8]) -> bool {
+    std::fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+}
+
+/// Pids of the live children of `pid` (every thread's `/proc/PID/task/TID/children`).
+pub fn children(pid: u32) -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
