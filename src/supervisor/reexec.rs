@@ -416,14 +416,7 @@ impl<S: Spawner> Supervisor<S> {
         }
         if self.in_flight > 0 {
             // Something queued asked for a spawn: not now.
-            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
-            self.restart_signal_thread();
-            if let Some(l) = loaded {
-                self.on_loaded(*l);
-            }
-            for s in pending_signals {
-                self.on_signal(s);
-            }
+            self.carry_on(&old_mask, loaded, pending_signals);
             return Err(ReexecError::Busy(self.in_flight));
         }
         let mut taken = Taken {
@@ -435,7 +428,20 @@ impl<S: Spawner> Supervisor<S> {
         // Only a failure comes back here: what was taken off the channel for the new
         // program is this one's again (a SIGTERM of a `systemctl stop` included).
         self.restore(taken);
-        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+        self.carry_on(&old_mask, loaded, pending_signals);
+        result
+    }
+
+    /// A reexec that did not happen: the signal mask back, the signal thread again,
+    /// and what was taken off the event channel for the new program (a reload's result,
+    /// signals) handled by this one.
+    fn carry_on(
+        &mut self,
+        old_mask: &SigSet,
+        loaded: Option<LoadResult>,
+        pending_signals: Vec<i32>,
+    ) {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(old_mask), None);
         self.restart_signal_thread();
         if let Some(l) = loaded {
             self.on_loaded(*l);
@@ -443,7 +449,6 @@ impl<S: Spawner> Supervisor<S> {
         for s in pending_signals {
             self.on_signal(s);
         }
-        result
     }
 
     /// After a reexec that did not happen: signals are taken again (those that came
