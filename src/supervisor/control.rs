@@ -73,6 +73,17 @@ pub enum ControlError {
     },
 }
 
+impl ControlError {
+    /// A mapper of an `io::Error` while doing `what` with the socket at `path`.
+    fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> ControlError + 'a {
+        move |source| ControlError::Io {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    }
+}
+
 /// A line for the supervisor's log: priority, text.
 pub type LogFn = Arc<dyn Fn(u8, &str) + Send + Sync>;
 
@@ -93,13 +104,7 @@ impl ControlServer {
         consoles: Arc<Consoles>,
         log: LogFn,
     ) -> Result<ControlServer, ControlError> {
-        let io_err = |what| {
-            move |source| ControlError::Io {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
+        let io_err = |what| ControlError::io(path, what);
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -131,13 +136,7 @@ impl ControlServer {
         consoles: Arc<Consoles>,
         log: LogFn,
     ) -> Result<ControlServer, ControlError> {
-        let io_err = |what| {
-            move |source| ControlError::Io {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
+        let io_err = |what| ControlError::io(path, what);
         let copy = std::os::fd::AsFd::as_fd(&listener)
             .try_clone_to_owned()
             .ok();
